@@ -1,0 +1,119 @@
+"""CLIP text encoder (the text tower only): token + position embeddings, a pre-LayerNorm causal
+transformer, and a final LayerNorm. Würstchen feeds the whole `last_hidden_state`, padding positions
+included, to its denoisers, so the padding mask must be applied exactly as in training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .loader import KeyMap, load_module, read_config, read_weights, weight_files
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """The fields of a hub `text_encoder/config.json` (transformers' CLIPTextConfig) that matter here."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # transformers' default; the Würstchen encoders say "gelu"
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        width = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.norm1 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(width, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, width)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + self.out_proj(h.transpose(1, 2).reshape(b, n, -1))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class CLIPTextEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"unsupported CLIP hidden_act {cfg.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}")
+        self.config = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) token ids and an optional (B, N) 1/0 padding mask -> last_hidden_state (B, N, width)."""
+        n = input_ids.shape[1]
+        if n > self.config.max_position_embeddings:
+            raise ValueError(f"{n} tokens exceed the encoder's {self.config.max_position_embeddings} positions")
+        positions = torch.arange(n, device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)
+        # Each token sees itself and the tokens before it, minus padding. Row 0 (the start token) is never
+        # padding, so no row is fully masked.
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.final_norm(x)
+
+
+# Hub names -> our names. `{}` is a layer number or weight/bias. The hub files (transformers 4) prefix every
+# name with "text_model."; transformers 5 saves without it. Both load.
+CHECKPOINT_KEYS = KeyMap(
+    [
+        ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+        ("text_model.embeddings.position_embedding.weight", "position_embedding.weight"),
+        ("text_model.encoder.layers.{}.layer_norm1.{}", "layers.{}.norm1.{}"),
+        ("text_model.encoder.layers.{}.self_attn.q_proj.{}", "layers.{}.q_proj.{}"),
+        ("text_model.encoder.layers.{}.self_attn.k_proj.{}", "layers.{}.k_proj.{}"),
+        ("text_model.encoder.layers.{}.self_attn.v_proj.{}", "layers.{}.v_proj.{}"),
+        ("text_model.encoder.layers.{}.self_attn.out_proj.{}", "layers.{}.out_proj.{}"),
+        ("text_model.encoder.layers.{}.layer_norm2.{}", "layers.{}.norm2.{}"),
+        ("text_model.encoder.layers.{}.mlp.fc1.{}", "layers.{}.fc1.{}"),
+        ("text_model.encoder.layers.{}.mlp.fc2.{}", "layers.{}.fc2.{}"),
+        ("text_model.final_layer_norm.{}", "final_norm.{}"),
+    ],
+    # Older exports write the position-id buffer; it is just arange(77).
+    ignore=["text_model.embeddings.position_ids"],
+    optional_prefix="text_model.",
+)
+
+
+def load_clip_text_encoder(
+    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> CLIPTextEncoder:
+    """Load a hub `text_encoder/` folder (model.safetensors, or its sharded or fp16 forms)."""
+    folder = Path(folder)
+    cfg = read_config(CLIPTextConfig, folder / "config.json")
+    files = weight_files(folder, "model")
+    source = ", ".join(str(f) for f in files) if len(files) < 3 else f"{folder}/{files[0].name}..."
+    return load_module(lambda: CLIPTextEncoder(cfg), read_weights(files), CHECKPOINT_KEYS, source, dtype, device)

@@ -1,0 +1,17 @@
+"""Error classes. Every message is one line that names the culprit and, where it can, the fix."""
+
+
+class WurstError(Exception):
+    """Base class for every error wurst raises on bad input or bad files."""
+
+
+class ModelNotFoundError(WurstError, FileNotFoundError):
+    """A model reference (hub id or directory) that cannot be found or is not in hub layout."""
+
+
+class ConfigError(WurstError, ValueError):
+    """A config.json that is not valid JSON or lacks a field."""
+
+
+class CheckpointError(WurstError, ValueError):
+    """A weight file that is corrupt, truncated, or holds missing, unexpected or mis-shaped tensors."""

@@ -1,0 +1,278 @@
+"""Loader core: resolve a model reference, read configs, and fill meta-device modules from safetensors.
+
+Tensors are memory-mapped straight out of the file (no copy, no random init): the module is built on the
+meta device and its parameters are assigned the mapped tensors, so peak memory stays at one copy of the
+weights. A per-model `KeyMap` translates checkpoint names to module names, and every problem is reported
+under the name the tensor carries in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, ModelNotFoundError
+
+# ---------------------------------------------------------------------------------------------------------
+# Model references
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(ref: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """Return the local directory of a model: `ref` itself if it is a directory, else a hub id fetched
+    through the huggingface_hub cache (only the files matching `allow_patterns`)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    text = str(ref)
+    if not _HUB_ID.match(text):
+        raise ModelNotFoundError(f"model directory not found: {text}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=allow_patterns))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise ModelNotFoundError(
+            f"{text} is neither a local directory nor in the Hugging Face cache, and the hub cannot be "
+            f"reached (offline): "
+            f"download it on a connected machine with `hf download {text}`, or pass a local directory"
+        ) from e
+    except HfHubHTTPError as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelNotFoundError(f"cannot fetch {text} from the hub: {first_line}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs
+
+ConfigT = TypeVar("ConfigT")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"missing file: {path}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any], source: str) -> ConfigT:
+    """Build the frozen dataclass `cls` from a hub config dict; unknown keys are ignored."""
+    kwargs = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name in data:
+            value = data[field.name]
+            kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source} lacks the field '{field.name}'")
+    return cls(**kwargs)
+
+
+def read_config(cls: type[ConfigT], path: Path) -> ConfigT:
+    return config_from_dict(cls, read_json(path), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors, memory-mapped
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Map every tensor of a .safetensors file without copying it.
+
+    The file is mapped copy-on-write, so the tensors are writable views whose pages come from the page
+    cache on first touch; nothing is read until a tensor is used.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < 8:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
+            header = json.loads(f.read(header_len))
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"missing weight file: {path}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupt: bad header entry for tensor '{name}'") from e
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * itemsize or begin < 0 or data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: tensor '{name}' lies outside the file "
+                f"(file has {size} bytes, tensor ends at {data_start + end})"
+            )
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif (data_start + begin) % itemsize == 0:
+            flat = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin)
+            tensors[name] = flat.view(shape)
+        else:  # misaligned data cannot be viewed in place; copy this one tensor
+            raw = bytearray(buffer[data_start + begin : data_start + end])
+            tensors[name] = torch.frombuffer(raw, dtype=dtype).view(shape)
+    return tensors
+
+
+def weight_files(component_dir: Path, stem: str, variant: str | None = None) -> list[Path]:
+    """The safetensors files of one component: `stem.safetensors`, its sharded form with an index, or
+    the `stem.<variant>.safetensors` forms. Without an explicit variant, the plain file is preferred and
+    an fp16 variant is used only when it is the only one there."""
+    variants = [variant] if variant else [None, "fp16"]
+    for v in variants:
+        base = f"{stem}.{v}" if v else stem
+        single = component_dir / f"{base}.safetensors"
+        if single.is_file():
+            return [single]
+        index = component_dir / f"{base}.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index} lacks the field 'weight_map'")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (component_dir / shard).is_file():
+                    raise ModelNotFoundError(f"{index} names the shard {shard}, which is missing")
+            return [component_dir / s for s in shards]
+    wanted = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    raise ModelNotFoundError(f"no weights in {component_dir}: expected {wanted} or its sharded form")
+
+
+def read_weights(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(read_safetensors(path))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint names -> module names
+
+
+class KeyMap:
+    """A short table of (checkpoint pattern, module pattern) pairs. `{}` stands for one dotted name part
+    (a layer number, or weight/bias) and is carried across in order. Checkpoint names matching an
+    `ignore` pattern are skipped (buffers that some exporters write and the model recomputes). When
+    `optional_prefix` is set, checkpoint names may carry it or not; the patterns are written with it."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]], ignore: Iterable[str] = (), optional_prefix: str = ""):
+        self.pairs = list(pairs)
+        self.prefix = optional_prefix
+        self._forward = [(self._regex(c), m) for c, m in self.pairs]
+        self._backward = [(self._regex(m), c) for c, m in self.pairs]
+        self._ignore = [self._regex(p) for p in ignore]
+
+    @staticmethod
+    def _regex(pattern: str) -> re.Pattern[str]:
+        return re.compile("^" + re.escape(pattern).replace(r"\{\}", r"([^.]+)") + "$")
+
+    @staticmethod
+    def _apply(rules: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+        for regex, target in rules:
+            match = regex.match(name)
+            if match:
+                return target.format(*match.groups())
+        return None
+
+    def _with_prefix(self, checkpoint_name: str) -> str:
+        return checkpoint_name if checkpoint_name.startswith(self.prefix) else self.prefix + checkpoint_name
+
+    def to_module(self, checkpoint_name: str) -> str | None:
+        return self._apply(self._forward, self._with_prefix(checkpoint_name))
+
+    def to_checkpoint(self, module_name: str) -> str:
+        return self._apply(self._backward, module_name) or module_name
+
+    def ignored(self, checkpoint_name: str) -> bool:
+        return any(r.match(self._with_prefix(checkpoint_name)) for r in self._ignore)
+
+
+def _shape(t: torch.Size | list[int]) -> str:
+    return "(" + ", ".join(str(s) for s in t) + ")"
+
+
+def _summarise(items: list[str]) -> str:
+    return items[0] + (f" and {len(items) - 1} more" if len(items) > 1 else "")
+
+
+def load_module(
+    build: Callable[[], nn.Module],
+    state: Mapping[str, torch.Tensor],
+    key_map: KeyMap,
+    source: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Build a module on the meta device and assign it the checkpoint tensors in `state`.
+
+    Floating tensors are cast to `dtype` (when given) one at a time, then moved to `device`. Missing,
+    unexpected and mis-shaped tensors raise CheckpointError naming them as the file does.
+    """
+    with torch.device("meta"):
+        module = build()
+    expected = dict(module.state_dict(keep_vars=True))
+    assigned: dict[str, torch.Tensor] = {}
+    unexpected, misshaped = [], []
+    for ckpt_name, tensor in state.items():
+        if key_map.ignored(ckpt_name):
+            continue
+        name = key_map.to_module(ckpt_name)
+        if name is None or name not in expected:
+            unexpected.append(ckpt_name)
+            continue
+        want = expected[name].shape
+        if tensor.shape != want:
+            misshaped.append(f"'{ckpt_name}' has shape {_shape(tensor.shape)}, expected {_shape(want)}")
+            continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        assigned[name] = tensor.to(device) if device is not None else tensor
+    if misshaped:
+        raise CheckpointError(f"{source}: tensor {_summarise(misshaped)}")
+    missing = [n for n in expected if n not in assigned]
+    if missing:
+        described = [f"'{key_map.to_checkpoint(n)}' (shape {_shape(expected[n].shape)})" for n in missing]
+        raise CheckpointError(f"{source}: missing tensor {_summarise(described)}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {_summarise([repr(u) for u in unexpected])}")
+    module.load_state_dict(assigned, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
