@@ -11,9 +11,10 @@ install:
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[test]"
 
-# The whole suite, published-size parity included.
-test:
-	$(PY) -m pytest -m "slow or not slow"
+# The whole suite, published-size parity included (the first run builds ~12 GB of random-weight checkpoints
+# into ~/.cache/wurst/fixtures). pytest's exit code 5 ("no tests collected") is not a failure.
+test: lint
+	$(PY) -m pytest -m "slow or not slow"; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 # The fast suite only (tiny fixtures), for the edit-test loop.
 test-fast:

@@ -1,0 +1,142 @@
+"""Loader core: references, configs, memory-mapped safetensors, key maps, and the errors they raise."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from wurst import CheckpointError, CLIPTextConfig, ConfigError, ModelNotFoundError, load_clip_text_encoder
+from wurst.clip import CHECKPOINT_KEYS, CLIPTextEncoder
+from wurst.loader import KeyMap, load_module, read_config, read_safetensors, read_weights, resolve, weight_files
+
+
+@pytest.fixture
+def encoder_dir(tmp_path, tiny_prior_repo):
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(tiny_prior_repo / "text_encoder", folder)
+    return folder
+
+
+def rewrite(folder, edit):
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors")
+
+
+def test_read_safetensors_matches_the_reference_reader(encoder_dir):
+    ours = read_safetensors(encoder_dir / "model.safetensors")
+    ref = load_file(encoder_dir / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype and torch.equal(ours[name], ref[name]), name
+
+
+def test_loaded_parameters_are_the_mapped_file_not_copies(encoder_dir):
+    state = read_weights([encoder_dir / "model.safetensors"])
+    cfg = read_config(CLIPTextConfig, encoder_dir / "config.json")
+    model = load_module(lambda: CLIPTextEncoder(cfg), state, CHECKPOINT_KEYS, "test")
+    weight = model.token_embedding.weight
+    assert weight.data_ptr() == state["text_model.embeddings.token_embedding.weight"].data_ptr()
+    before = (encoder_dir / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        weight.add_(1.0)  # copy-on-write: the file itself never changes
+    assert (encoder_dir / "model.safetensors").read_bytes() == before
+
+
+def test_dtype_cast_happens_per_tensor(encoder_dir):
+    model = load_clip_text_encoder(encoder_dir, dtype=torch.float16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_key_map_round_trip():
+    keys = KeyMap([("a.layers.{}.w.{}", "blocks.{}.weight_{}")], ignore=["a.buffer"], optional_prefix="a.")
+    assert keys.to_module("a.layers.3.w.bias") == "blocks.3.weight_bias"
+    assert keys.to_module("layers.3.w.bias") == "blocks.3.weight_bias"  # prefix optional
+    assert keys.to_checkpoint("blocks.3.weight_bias") == "a.layers.3.w.bias"
+    assert keys.to_module("a.other") is None
+    assert keys.ignored("a.buffer") and keys.ignored("buffer")
+
+
+def test_missing_tensor_is_named(encoder_dir):
+    rewrite(encoder_dir, lambda s: s.pop("text_model.encoder.layers.1.mlp.fc1.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'text_model.encoder.layers.1.mlp.fc1.weight' \(shape"):
+        load_clip_text_encoder(encoder_dir)
+
+
+def test_unexpected_tensor_is_named(encoder_dir):
+    rewrite(encoder_dir, lambda s: s.__setitem__("text_model.encoder.layers.9.mlp.fc1.weight", torch.zeros(1)))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'text_model.encoder.layers.9.mlp.fc1.weight'"):
+        load_clip_text_encoder(encoder_dir)
+
+
+def test_misshaped_tensor_is_named_with_expected_shape(encoder_dir):
+    rewrite(encoder_dir, lambda s: s.__setitem__("text_model.final_layer_norm.weight", torch.ones(7)))
+    with pytest.raises(CheckpointError, match=r"'text_model.final_layer_norm.weight' has shape \(7\), expected \(32\)"):
+        load_clip_text_encoder(encoder_dir)
+
+
+def test_position_ids_buffer_is_ignored(encoder_dir):
+    rewrite(encoder_dir, lambda s: s.__setitem__("text_model.embeddings.position_ids", torch.arange(77)[None]))
+    load_clip_text_encoder(encoder_dir)
+
+
+def test_truncated_file_is_named(encoder_dir):
+    path = encoder_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt: tensor '.*' lies outside"):
+        load_clip_text_encoder(encoder_dir)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+        load_clip_text_encoder(encoder_dir)
+
+
+def test_corrupt_header_is_named(encoder_dir):
+    path = encoder_dir / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:12] = b"\xff\xfe{{"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        load_clip_text_encoder(encoder_dir)
+
+
+def test_bad_config_json_and_missing_field(encoder_dir):
+    config = encoder_dir / "config.json"
+    good = json.loads(config.read_text())
+    config.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON"):
+        load_clip_text_encoder(encoder_dir)
+    config.write_text(json.dumps({k: v for k, v in good.items() if k != "num_hidden_layers"}))
+    with pytest.raises(ConfigError, match=r"config.json lacks the field 'num_hidden_layers'"):
+        load_clip_text_encoder(encoder_dir)
+
+
+def test_missing_weights_and_missing_shard(encoder_dir):
+    (encoder_dir / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="expected model.safetensors or its sharded form"):
+        weight_files(encoder_dir, "model")
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    (encoder_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelNotFoundError, match="names the shard model-00001-of-00002.safetensors, which is missing"):
+        load_clip_text_encoder(encoder_dir)
+
+
+def test_resolve_local_and_missing(tmp_path):
+    assert resolve(tmp_path) == tmp_path
+    with pytest.raises(ModelNotFoundError, match="model directory not found: ./nope/dir"):
+        resolve("./nope/dir")
+
+
+def test_resolve_hub_id_offline(tmp_path):
+    """A hub id that is not cached, with the hub unreachable, names the id and says how to get it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = "from wurst.loader import resolve\nresolve('warp-ai/wuerstchen-prior')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "ModelNotFoundError" in last and "warp-ai/wuerstchen-prior" in last and "offline" in last
