@@ -62,8 +62,11 @@ TINY = {
     },
 }
 
-# Output heads get a smaller gain, so the prior's (x - a) / (|1 - b| + 1e-5) stays well away from a zero divisor.
-HEAD_GAIN = {"out.1.weight": 0.25, "clf.1.weight": 0.5}
+# Output heads get a smaller gain. For the prior it keeps (x - a) / (|1 - b| + 1e-5) away from a zero divisor
+# and keeps a random-weight sampling chain from being chaotic: at gain 0.25 diffusers disagreed with itself by
+# 1e-4 after 29 guided steps merely from swapping its attention kernel; at 0.1 by 3e-7. A bug in the body still
+# moves the output by ~0.1 relative, far above every tolerance.
+HEAD_GAIN = {"out.1.weight": 0.1, "clf.1.weight": 0.5}
 
 SEEDS = {"prior": 1, "decoder": 2, "vqgan": 3, "prior/text_encoder": 4, "decoder/text_encoder": 5}
 

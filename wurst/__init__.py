@@ -2,9 +2,17 @@
 
 from .clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
 from .errors import CheckpointError, ConfigError, ModelNotFoundError, WurstError
+from .pipeline import Prior
+from .sampler import DEFAULT_STAGE_C_TIMESTEPS
+from .stage_c import StageC, StageCConfig, load_stage_c
 from .tokenizer import CLIPTokenizer, PromptTruncatedWarning
 
 __all__ = [
+    "DEFAULT_STAGE_C_TIMESTEPS",
+    "Prior",
+    "StageC",
+    "StageCConfig",
+    "load_stage_c",
     "CLIPTextConfig",
     "CLIPTextEncoder",
     "CLIPTokenizer",

@@ -1,0 +1,19 @@
+"""The diffusers / transformers side of the parity tests: reference pipelines built from the same hub-layout
+folders wurst reads. diffusers >= 0.38 cannot load these repositories with DiffusionPipeline.from_pretrained
+(its model_index.json names a module that moved), so each component is loaded on its own."""
+
+import torch
+from diffusers import DDPMWuerstchenScheduler, WuerstchenPriorPipeline
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+from transformers import CLIPTextModel, CLIPTokenizer
+
+
+def prior_pipeline(repo_dir, dtype=torch.float32) -> WuerstchenPriorPipeline:
+    pipe = WuerstchenPriorPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(repo_dir / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(repo_dir / "text_encoder").eval().to(dtype),
+        prior=WuerstchenPrior.from_pretrained(repo_dir / "prior").eval().to(dtype),
+        scheduler=DDPMWuerstchenScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

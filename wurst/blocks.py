@@ -1,0 +1,99 @@
+"""Building blocks shared by Stage C (the prior) and Stage B (the decoder). Tensors are NCHW unless a name
+says otherwise; the per-pixel MLPs run channels-last, where nn.Linear and the channel LayerNorm want them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels of an NCHW tensor, without affine parameters (eps 1e-6)."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN on a channels-last (B, H, W, C) tensor: scale each channel by its spatial L2 norm
+    relative to the mean over channels."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # Shaped (1, 1, 1, C) as in the checkpoints.
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial_norm = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * relative) + self.beta + x
+
+
+class ResBlock(nn.Module):
+    """Stage C's ConvNeXt block: depthwise conv, channel norm, then a channels-last MLP with GRN."""
+
+    def __init__(self, c: int, kernel_size: int = 3):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.mlp_in = nn.Linear(c, 4 * c)
+        self.grn = GlobalResponseNorm(4 * c)
+        self.mlp_out = nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = channel_norm(self.depthwise(x)).permute(0, 2, 3, 1)
+        h = self.mlp_out(self.grn(F.gelu(self.mlp_in(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class TimestepBlock(nn.Module):
+    """Modulates features by the noise level: x * (1 + a) + b, with (a, b) mapped from the r-embedding."""
+
+    def __init__(self, c: int, c_r: int):
+        super().__init__()
+        self.mapper = nn.Linear(c_r, 2 * c)
+
+    def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
+        a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + a) + b
+
+
+class AttnBlock(nn.Module):
+    """Attention whose keys and values are the normalised image tokens followed by the text tokens, so one
+    block does both self- and cross-attention. No mask: every text token, padding included, is a key."""
+
+    def __init__(self, c: int, c_cond: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.cond_proj = nn.Linear(c_cond, c)  # applied after a SiLU
+        self.q_proj = nn.Linear(c, c)
+        self.k_proj = nn.Linear(c, c)
+        self.v_proj = nn.Linear(c, c)
+        self.out_proj = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = channel_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        context = torch.cat([tokens, self.cond_proj(F.silu(cond))], dim=1)  # (B, HW + L, C)
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        q = split_heads(self.q_proj(tokens))
+        k, v = split_heads(self.k_proj(context)), split_heads(self.v_proj(context))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return x + self.out_proj(out).transpose(1, 2).reshape(b, c, h, w)
+
+
+def r_embedding(r: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of the noise level r in [0, 1]: sin then cos of r * 10000 at `dim // 2`
+    geometrically spaced frequencies (the spacing divides by half - 1). Computed in fp32, returned in r's dtype."""
+    half = dim // 2
+    scaled = r * max_positions  # in r's own dtype first, as the reference does
+    freqs = torch.exp(torch.arange(half, device=r.device).float() * -(math.log(max_positions) / (half - 1)))
+    angles = scaled[:, None] * freqs[None]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb.to(r.dtype)

@@ -1,0 +1,195 @@
+"""Turning prompts into images: thin glue between the tokenizers, text encoders, denoisers and the sampler.
+
+`Prior` runs Stage C alone (prompts -> image embeddings), so it can be run or cached on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import sampler
+from .clip import CLIPTextEncoder, load_clip_text_encoder
+from .errors import ModelNotFoundError
+from .loader import read_config, read_json, resolve
+from .stage_c import StageC, load_stage_c
+from .tokenizer import CLIPTokenizer
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class PriorPipelineConfig:
+    """`model_index.json` of a prior repository. The prior's output is mapped to Stage B's input range with
+    `x * latent_mean - latent_std` (the names are diffusers'; the map undoes training's (x + 1) / 42)."""
+
+    latent_mean: float = 42.0
+    latent_std: float = 1.0
+    resolution_multiple: float = 42.67
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """`scheduler/scheduler_config.json`: the cosine schedule's offset and time scaler."""
+
+    s: float = 0.008
+    scaler: float = 1.0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_repo(folder: Path, expected_class: str, role: str, components: Sequence[str]) -> None:
+    """Fail early, naming what is missing, when `folder` is not the hub repository it should be."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelNotFoundError(f"{folder} is not a Würstchen {role} repository in hub layout: no model_index.json")
+    found = read_json(index_path).get("_class_name")
+    if found != expected_class:
+        other = {"WuerstchenPriorPipeline": "prior", "WuerstchenDecoderPipeline": "decoder"}.get(found)
+        hint = f" It is the {other} repository: pass it as the {other}." if other else ""
+        raise ModelNotFoundError(f"{folder} holds a {found}, not the {role} ({expected_class}).{hint}")
+    for component in components:
+        if not (folder / component).is_dir():
+            raise ModelNotFoundError(f"{folder} lacks the {component}/ folder of a {role} repository")
+
+
+def as_prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+
+
+def negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:
+    """One negative prompt per prompt: empty by default, one string for all, or a list of matching length."""
+    if negative_prompt is None:
+        return [""] * count
+    negatives = as_prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        return negatives * count
+    if len(negatives) != count:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {count}")
+    return negatives
+
+
+def check_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@torch.no_grad()
+def encode_text(tokenizer: CLIPTokenizer, encoder: CLIPTextEncoder, prompts: list[str]) -> torch.Tensor:
+    """The full last_hidden_state (padding positions included) of each prompt, in the encoder's dtype."""
+    device = encoder.token_embedding.weight.device
+    ids, mask = tokenizer(prompts)
+    return encoder(ids.to(device), mask.to(device))
+
+
+class Prior:
+    """Stage C: prompts -> image embeddings (B·n, 16, ceil(H / 42.67), ceil(W / 42.67)), in Stage B's range."""
+
+    def __init__(
+        self,
+        model: StageC,
+        text_encoder: CLIPTextEncoder,
+        tokenizer: CLIPTokenizer,
+        config: PriorPipelineConfig = PriorPipelineConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
+    ):
+        self.model, self.text_encoder, self.tokenizer = model, text_encoder, tokenizer
+        self.config, self.scheduler = config, scheduler
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ref: str | Path = "warp-ai/wuerstchen-prior",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Prior:
+        """Load a prior repository (hub id or local directory in hub layout). device=None picks CUDA when
+        available; dtype=None picks bfloat16 on CUDA and float32 on CPU."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        components = ("prior", "text_encoder", "tokenizer", "scheduler")
+        folder = resolve(ref, allow_patterns=["model_index.json", *(f"{c}/*" for c in components)])
+        check_repo(folder, "WuerstchenPriorPipeline", "prior", components[:3])
+        config = read_config(PriorPipelineConfig, folder / "model_index.json")
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        scheduler = read_config(SchedulerConfig, scheduler_file) if scheduler_file.is_file() else SchedulerConfig()
+        return cls(
+            load_stage_c(folder / "prior", dtype, device),
+            load_clip_text_encoder(folder / "text_encoder", dtype, device),
+            CLIPTokenizer.from_dir(folder / "tokenizer"),
+            config,
+            scheduler,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.projection.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.projection.weight.dtype
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        for name, value in (("height", height), ("width", width)):
+            check_count(name, value)
+        multiple = self.config.resolution_multiple
+        return math.ceil(height / multiple), math.ceil(width / multiple)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        height: int = 1024,
+        width: int = 1024,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        guidance_scale: float = 4.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image embeddings for each prompt, `num_images_per_prompt` per prompt, in prompt order. Without
+        `num_inference_steps` or `timesteps`, Stage C uses DEFAULT_STAGE_C_TIMESTEPS. Guidance applies when
+        guidance_scale > 1, against `negative_prompt` (empty by default)."""
+        prompts = as_prompt_list(prompt)
+        n = check_count("num_images_per_prompt", num_images_per_prompt)
+        guidance = sampler.check_guidance("guidance_scale", guidance_scale)
+        if num_inference_steps is None and timesteps is None:
+            timesteps = sampler.DEFAULT_STAGE_C_TIMESTEPS
+        steps = sampler.make_timesteps(num_inference_steps, timesteps)
+        use_cfg = guidance > 1
+        negatives = negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
+        h, w = self.latent_size(height, width)
+
+        # One text-encoder batch for prompts and negatives; rows repeated per image, prompt by prompt.
+        states = encode_text(self.tokenizer, self.text_encoder, prompts + negatives).to(self.dtype)
+        text = states.repeat_interleave(n, dim=0)  # [cond rows; uncond rows] when guided
+
+        def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return self.model(x, r, text)
+
+        denoise = sampler.guided(model, guidance) if use_cfg else model
+        shape = (len(prompts) * n, self.model.config.c_in, h, w)
+        if latents is None:
+            latents = sampler.randn(shape, generator, self.dtype, self.device)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(self.device, self.dtype)
+        out = sampler.sample(denoise, latents, steps, generator, self.scheduler.s, self.scheduler.scaler)
+        return out * self.config.latent_mean - self.config.latent_std

@@ -1,0 +1,136 @@
+"""The Würstchen DDPM sampler (diffusers' DDPMWuerstchenScheduler) as plain functions.
+
+Time runs continuously from r=1 (pure noise) to r=0, with a cosine schedule. The sampler draws its random
+numbers in exactly diffusers' order (the initial latents, then one normal draw per step, the last step
+included, where it is multiplied by zero) so a seeded torch.Generator reproduces diffusers' results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+# The schedule the Würstchen authors recommend for Stage C: 20 steps from 1 to 2/3, then 10 from 2/3 to 0.
+DEFAULT_STAGE_C_TIMESTEPS: list[float] = [float(t) for t in np.linspace(1.0, 2 / 3, 20)] + [
+    float(t) for t in np.linspace(2 / 3, 0.0, 11)[1:]
+]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (latents, r of shape (B,)) -> predicted noise
+
+
+def alpha_cumprod(t: torch.Tensor, s: float = 0.008, scaler: float = 1.0) -> torch.Tensor:
+    """ᾱ(t) = cos²(((t + s) / (1 + s)) · π/2) / cos²((s / (1 + s)) · π/2), clamped to [1e-4, 0.9999]. In fp32."""
+    if scaler > 1:
+        t = 1 - (1 - t) ** scaler
+    elif scaler < 1:
+        t = t**scaler
+    s_ = torch.tensor([s], dtype=torch.float32, device=t.device)
+    at_zero = torch.cos(s_ / (1 + s_) * math.pi * 0.5) ** 2
+    return (torch.cos((t + s_) / (1 + s_) * math.pi * 0.5) ** 2 / at_zero).clamp(1e-4, 0.9999)
+
+
+def make_timesteps(num_steps: int | None = None, timesteps: Sequence[float] | None = None) -> torch.Tensor:
+    """`num_steps` evenly spaced steps (linspace(1, 0, N + 1)), or a custom list that must be strictly
+    descending within [0, 1]. Returns float32; the sampler evaluates the model at all but the last point."""
+    if timesteps is not None:
+        values = [float(t) for t in timesteps]
+        if len(values) < 2:
+            raise ValueError(f"timesteps must hold at least two values, got {len(values)}")
+        if any(not (0.0 <= t <= 1.0) for t in values):
+            raise ValueError(f"timesteps must lie within [0, 1], got {values}")
+        if any(a <= b for a, b in zip(values, values[1:], strict=False)):
+            raise ValueError(f"timesteps must be strictly descending, got {values}")
+        return torch.tensor(values, dtype=torch.float32)
+    if num_steps is None:
+        raise ValueError("give num_steps or timesteps")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return torch.linspace(1.0, 0.0, num_steps + 1)
+
+
+def check_guidance(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def randn(
+    shape: Sequence[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Normal noise drawn as diffusers draws it: on the generator's device (then moved), and with a list of
+    generators, one draw of the per-item shape from each."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
+    draw_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=draw_device).to(device)
+
+
+def ddpm_step(
+    x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, noise: torch.Tensor, s: float = 0.008,
+    scaler: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """One reverse step from time t to t_prev (both (B,) tensors) given the predicted noise `eps`."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    abar = alpha_cumprod(t, s, scaler).view(view)
+    abar_prev = alpha_cumprod(t_prev, s, scaler).view(view)
+    alpha = abar / abar_prev
+    mean = (1.0 / alpha).sqrt() * (x - (1 - alpha) * eps / (1 - abar).sqrt())
+    std = ((1 - alpha) * (1.0 - abar_prev) / (1.0 - abar)).sqrt()
+    last = (t_prev != 0).float().view(view)  # no noise is added on the step that lands on 0
+    return (mean + std * noise * last).to(eps.dtype)
+
+
+def sample_steps(
+    denoise: Denoiser,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    s: float = 0.008,
+    scaler: float = 1.0,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Run the reverse process from `latents` at timesteps[0] to timesteps[-1], yielding
+    (step index, t, latents after the step) so callers can watch, record or stop."""
+    batch, dtype, device = latents.shape[0], latents.dtype, latents.device
+    timesteps = timesteps.to(device)
+    for i in range(len(timesteps) - 1):
+        r = timesteps[i].expand(batch).to(dtype)  # the model sees r in its own dtype
+        eps = denoise(latents, r)
+        noise = randn(latents.shape, generator, eps.dtype, device)
+        t_prev = timesteps[i + 1].expand(batch)
+        latents = ddpm_step(latents, eps, r, t_prev, noise, s, scaler)
+        yield i, timesteps[i], latents
+
+
+def sample(
+    denoise: Denoiser,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    s: float = 0.008,
+    scaler: float = 1.0,
+) -> torch.Tensor:
+    result = latents
+    for _, _, stepped in sample_steps(denoise, latents, timesteps, generator, s, scaler):
+        result = stepped
+    return result
+
+
+def guided(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance_scale: float
+) -> Denoiser:
+    """Classifier-free guidance around a model that takes a doubled batch [conditional; unconditional]:
+    lerp(uncond, cond, w), which is uncond + w * (cond - uncond) as torch.lerp rounds it."""
+
+    def denoise(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        cond, uncond = model(torch.cat([x, x]), torch.cat([r, r])).chunk(2)
+        return torch.lerp(uncond, cond, guidance_scale)
+
+    return denoise

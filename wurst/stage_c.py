@@ -1,0 +1,90 @@
+"""Stage C, the text-conditional prior (diffusers' WuerstchenPrior): a flat stack of `depth` triples of
+ResBlock -> TimestepBlock -> AttnBlock at one resolution, predicting the noise in a 16-channel latent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import AttnBlock, ResBlock, TimestepBlock, channel_norm, r_embedding
+from .loader import KeyMap, load_module, read_config, read_weights, weight_files
+
+
+@dataclass(frozen=True)
+class StageCConfig:
+    """The fields of a hub `prior/config.json`. The published model: c=1536, c_cond=1280, depth 32, 24 heads."""
+
+    c_in: int = 16  # latent channels
+    c: int = 1280  # width
+    c_cond: int = 1024  # text-state width (CLIP-bigG: 1280)
+    c_r: int = 64  # r-embedding width
+    depth: int = 16
+    nhead: int = 16
+
+
+class StageC(nn.Module):
+    def __init__(self, cfg: StageCConfig):
+        super().__init__()
+        self.config = cfg
+        self.projection = nn.Conv2d(cfg.c_in, cfg.c, kernel_size=1)
+        self.cond_in = nn.Linear(cfg.c_cond, cfg.c)
+        self.cond_out = nn.Linear(cfg.c, cfg.c)
+        # Flat, in checkpoint order: block 3i is a ResBlock, 3i+1 a TimestepBlock, 3i+2 an AttnBlock.
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.depth):
+            self.blocks.append(ResBlock(cfg.c))
+            self.blocks.append(TimestepBlock(cfg.c, cfg.c_r))
+            self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead))  # the text is mapped to width c first
+        self.head = nn.Conv2d(cfg.c, 2 * cfg.c_in, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """x: (B, c_in, H, W) noisy latent; r: (B,) noise level in [0, 1]; text: (B, L, c_cond) CLIP-bigG
+        states. Returns the predicted noise, shaped like x."""
+        cond = self.cond_out(F.leaky_relu(self.cond_in(text), 0.2))
+        r_embed = r_embedding(r, self.config.c_r)
+        h = self.projection(x)
+        for block in self.blocks:
+            if isinstance(block, ResBlock):
+                h = block(h)
+            elif isinstance(block, TimestepBlock):
+                h = block(h, r_embed)
+            else:
+                h = block(h, cond)
+        a, b = self.head(channel_norm(h)).chunk(2, dim=1)
+        return (x - a) / ((1 - b).abs() + 1e-5)
+
+
+# Hub (diffusers) names -> our names. `{}` is a block index or weight/bias/gamma/beta.
+CHECKPOINT_KEYS = KeyMap(
+    [
+        ("projection.{}", "projection.{}"),
+        ("cond_mapper.0.{}", "cond_in.{}"),
+        ("cond_mapper.2.{}", "cond_out.{}"),
+        ("blocks.{}.depthwise.{}", "blocks.{}.depthwise.{}"),
+        ("blocks.{}.channelwise.0.{}", "blocks.{}.mlp_in.{}"),
+        ("blocks.{}.channelwise.2.{}", "blocks.{}.grn.{}"),
+        ("blocks.{}.channelwise.4.{}", "blocks.{}.mlp_out.{}"),
+        ("blocks.{}.mapper.{}", "blocks.{}.mapper.{}"),
+        ("blocks.{}.kv_mapper.1.{}", "blocks.{}.cond_proj.{}"),
+        ("blocks.{}.attention.to_q.{}", "blocks.{}.q_proj.{}"),
+        ("blocks.{}.attention.to_k.{}", "blocks.{}.k_proj.{}"),
+        ("blocks.{}.attention.to_v.{}", "blocks.{}.v_proj.{}"),
+        ("blocks.{}.attention.to_out.0.{}", "blocks.{}.out_proj.{}"),
+        ("out.1.{}", "head.{}"),
+    ]
+)
+
+
+def load_stage_c(
+    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> StageC:
+    """Load a hub `prior/` folder (diffusion_pytorch_model.safetensors, or its sharded or fp16 forms)."""
+    folder = Path(folder)
+    cfg = read_config(StageCConfig, folder / "config.json")
+    files = weight_files(folder, "diffusion_pytorch_model")
+    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    return load_module(lambda: StageC(cfg), read_weights(files), CHECKPOINT_KEYS, source, dtype, device)
