@@ -83,7 +83,10 @@ def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any], source: str) -
             kwargs[field.name] = tuple(value) if isinstance(value, list) else value
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source} lacks the field '{field.name}'")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # ConfigError included: a field out of range or inconsistent
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def read_config(cls: type[ConfigT], path: Path) -> ConfigT:

@@ -1,0 +1,222 @@
+"""Stage B, the decoder diffusion model (diffusers' WuerstchenDiffNeXt): a U-Net over the 4-channel VQ latent,
+conditioned on the Stage C image embedding (resized into every level it is injected at) and on CLIP-H text.
+
+The level structure comes from the config: level i has width c_hidden[i] and repeats the letters of
+level_config[i] (C: ResBlock, T: TimestepBlock, A: AttnBlock) blocks[i] times. The published model has four
+levels (320/640/1280/1280 wide, 4/4/14/4 repeats), so 1024x1024 images run at 128², 64², 32² and 16².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import AttnBlock, GlobalResponseNorm, TimestepBlock, channel_norm, r_embedding
+from .errors import ConfigError
+from .loader import KeyMap, load_module, read_config, read_weights, weight_files
+
+
+@dataclass(frozen=True)
+class StageBConfig:
+    """The fields of a hub `decoder/config.json`; the defaults are the published model's."""
+
+    c_in: int = 4  # latent channels
+    c_out: int = 4
+    c_r: int = 64  # r-embedding width
+    patch_size: int = 2  # pixel-unshuffle factor of the stem
+    c_cond: int = 1024  # width of the mapped text states and of the injected embeddings
+    c_hidden: tuple[int, ...] = (320, 640, 1280, 1280)
+    nhead: tuple[int, ...] = (-1, 10, 20, 20)  # -1: a level without attention
+    blocks: tuple[int, ...] = (4, 4, 14, 4)
+    level_config: tuple[str, ...] = ("CT", "CTA", "CTA", "CTA")
+    inject_effnet: tuple[bool, ...] = (False, True, True, True)
+    effnet_embd: int = 16  # Stage C latent channels
+    clip_embd: int = 1024  # CLIP-H text width
+    kernel_size: int = 3
+
+    def __post_init__(self):
+        levels = len(self.c_hidden)
+        per_level = {"nhead": self.nhead, "blocks": self.blocks, "level_config": self.level_config,
+                     "inject_effnet": self.inject_effnet}  # fmt: skip
+        for name, values in per_level.items():
+            if len(values) != levels:
+                raise ConfigError(f"{name} has {len(values)} entries for {levels} levels")
+        for letters in self.level_config:
+            if not letters or set(letters) - set("CTA"):
+                raise ConfigError(f"level_config entry {letters!r} must use the letters C, T, A")
+
+
+class ResBlockStageB(nn.Module):
+    """Stage B's ConvNeXt block. Unlike Stage C's, a skip input is concatenated after the depthwise conv and
+    norm, so only the MLP's input widens (by c_skip channels)."""
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.mlp_in = nn.Linear(c + c_skip, 4 * c)
+        self.grn = GlobalResponseNorm(4 * c)
+        self.mlp_out = nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = channel_norm(self.depthwise(x))
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)
+        h = h.permute(0, 2, 3, 1)
+        h = self.mlp_out(self.grn(F.gelu(self.mlp_in(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class Resample(nn.Module):
+    """Channel norm, then a stride-2 conv (down) or transposed conv (up) that also changes the width."""
+
+    def __init__(self, c_from: int, c_to: int, up: bool):
+        super().__init__()
+        conv = nn.ConvTranspose2d if up else nn.Conv2d
+        self.conv = conv(c_from, c_to, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(channel_norm(x))
+
+
+class StageB(nn.Module):
+    def __init__(self, cfg: StageBConfig):
+        super().__init__()
+        self.config = cfg
+        levels, c = len(cfg.c_hidden), cfg.c_hidden
+        self.text_proj = nn.Linear(cfg.clip_embd, cfg.c_cond)  # followed by a LayerNorm without affine
+        # One 1x1 projection of the Stage C embedding per injecting level: entries 0..L-1 serve the down
+        # path, L..2L-1 the up path (deepest level first); None where a level takes no injection.
+        inject = list(cfg.inject_effnet) + list(reversed(cfg.inject_effnet))
+        self.effnet_proj = nn.ModuleList(
+            [nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if on else None for on in inject]
+        )
+        self.stem = nn.Conv2d(cfg.c_in * cfg.patch_size**2, c[0], kernel_size=1)  # after a pixel unshuffle
+
+        def block(letter: str, i: int, c_skip: int) -> nn.Module:
+            if letter == "C":
+                return ResBlockStageB(c[i], c_skip, cfg.kernel_size)
+            if letter == "T":
+                return TimestepBlock(c[i], cfg.c_r)
+            return AttnBlock(c[i], cfg.c_cond, cfg.nhead[i])
+
+        # Each level is a flat list in checkpoint order: [downsampler,] blocks... / blocks... [, upsampler].
+        self.down_levels = nn.ModuleList()
+        for i in range(levels):
+            level = nn.ModuleList([Resample(c[i - 1], c[i], up=False)] if i > 0 else [])
+            effnet_width = cfg.c_cond if cfg.inject_effnet[i] else 0
+            for _ in range(cfg.blocks[i]):
+                level.extend(block(letter, i, effnet_width) for letter in cfg.level_config[i])
+            self.down_levels.append(level)
+        self.up_levels = nn.ModuleList()
+        for i in reversed(range(levels)):
+            level = nn.ModuleList()
+            for repeat in range(cfg.blocks[i]):
+                for k, letter in enumerate(cfg.level_config[i]):
+                    # The level's first block also takes the U-Net skip from the down path (not at the bottom).
+                    unet_width = c[i] if i < levels - 1 and repeat == k == 0 else 0
+                    level.append(block(letter, i, unet_width + (cfg.c_cond if cfg.inject_effnet[i] else 0)))
+            if i > 0:
+                level.append(Resample(c[i], c[i - 1], up=True))
+            self.up_levels.append(level)
+        self.head = nn.Conv2d(c[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1)  # then a pixel shuffle
+
+    def effnet_features(self, index: int, effnet: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
+        """The Stage C embedding resized to `size` (bicubic, antialiased, corners aligned, always in fp32) and
+        projected to c_cond channels, or None if this level takes no injection."""
+        proj = self.effnet_proj[index]
+        if proj is None:
+            return None
+        resized = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True, align_corners=True)
+        return proj(resized.to(effnet.dtype))
+
+    def forward(
+        self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, text: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, c_in, H, W) noisy latent; r: (B,) noise level; effnet: (B, effnet_embd, h, w) Stage C
+        embedding; text: (B, L, clip_embd) CLIP-H states (needed when any level has attention). Returns the
+        predicted noise, shaped like x."""
+        cfg = self.config
+        r_embed = r_embedding(r, cfg.c_r)
+        if text is not None:
+            text = F.layer_norm(self.text_proj(text), (cfg.c_cond,), eps=1e-6)
+        elif any("A" in letters for letters in cfg.level_config):
+            raise ValueError("this decoder has attention blocks, so it needs text states")
+
+        def run(block: nn.Module, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+            if isinstance(block, ResBlockStageB):
+                return block(h, skip)
+            if isinstance(block, TimestepBlock):
+                return block(h, r_embed)
+            if isinstance(block, AttnBlock):
+                return block(h, text)
+            return block(h)  # a Resample
+
+        h = channel_norm(self.stem(F.pixel_unshuffle(x, cfg.patch_size)))
+        level_outputs = []
+        for i, level in enumerate(self.down_levels):
+            injected = None  # computed at the level's resolution, i.e. after its downsampler
+            for block in level:
+                if injected is None and isinstance(block, ResBlockStageB):
+                    injected = self.effnet_features(i, effnet, h.shape[-2:])
+                h = run(block, h, injected)
+            level_outputs.append(h)
+
+        levels = len(self.down_levels)
+        for j, level in enumerate(self.up_levels):
+            injected = None
+            for k, block in enumerate(level):
+                if injected is None and isinstance(block, ResBlockStageB):
+                    injected = self.effnet_features(levels + j, effnet, h.shape[-2:])
+                # Skip order is [U-Net skip, injected embedding]; the U-Net skip goes to the first block only.
+                parts = [level_outputs[levels - 1 - j]] if k == 0 and j > 0 else []
+                parts += [injected] if injected is not None else []
+                h = run(block, h, torch.cat(parts, dim=1) if len(parts) > 1 else (parts[0] if parts else None))
+
+        a, b = F.pixel_shuffle(self.head(channel_norm(h)), cfg.patch_size).chunk(2, dim=1)
+        return (x - a) / (b.sigmoid() * (1 - 2e-3) + 1e-3)
+
+
+def _level_keys(ours: str, theirs: str) -> list[tuple[str, str]]:
+    """The key pairs of one path (down or up): blocks as in Stage C, and the resampler's conv."""
+    pairs = [
+        ("depthwise.{}", "depthwise.{}"),
+        ("channelwise.0.{}", "mlp_in.{}"),
+        ("channelwise.2.{}", "grn.{}"),
+        ("channelwise.4.{}", "mlp_out.{}"),
+        ("mapper.{}", "mapper.{}"),
+        ("kv_mapper.1.{}", "cond_proj.{}"),
+        ("attention.to_q.{}", "q_proj.{}"),
+        ("attention.to_k.{}", "k_proj.{}"),
+        ("attention.to_v.{}", "v_proj.{}"),
+        ("attention.to_out.0.{}", "out_proj.{}"),
+        ("1.{}", "conv.{}"),  # the resampler: index 0 is its parameter-free norm
+    ]
+    return [(f"{theirs}.{{}}.{{}}.{c}", f"{ours}.{{}}.{{}}.{m}") for c, m in pairs]
+
+
+# Hub (diffusers) names -> our names. `{}` is a level, a block index, or weight/bias/gamma/beta.
+CHECKPOINT_KEYS = KeyMap(
+    [
+        ("clip_mapper.{}", "text_proj.{}"),
+        ("effnet_mappers.{}.{}", "effnet_proj.{}.{}"),
+        ("embedding.1.{}", "stem.{}"),
+        *_level_keys("down_levels", "down_blocks"),
+        *_level_keys("up_levels", "up_blocks"),
+        ("clf.1.{}", "head.{}"),
+    ]
+)
+
+
+def load_stage_b(
+    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> StageB:
+    """Load a hub `decoder/` folder (diffusion_pytorch_model.safetensors, or its sharded or fp16 forms)."""
+    folder = Path(folder)
+    cfg = read_config(StageBConfig, folder / "config.json")
+    files = weight_files(folder, "diffusion_pytorch_model")
+    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    return load_module(lambda: StageB(cfg), read_weights(files), CHECKPOINT_KEYS, source, dtype, device)
