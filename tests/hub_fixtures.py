@@ -66,7 +66,14 @@ TINY = {
 # and keeps a random-weight sampling chain from being chaotic: at gain 0.25 diffusers disagreed with itself by
 # 1e-4 after 29 guided steps merely from swapping its attention kernel; at 0.1 by 3e-7. A bug in the body still
 # moves the output by ~0.1 relative, far above every tolerance.
-HEAD_GAIN = {"out.1.weight": 0.1, "clf.1.weight": 0.5}
+# Output biases get an offset on part of their channels: name -> (first fraction left alone, offset).
+# - Stage B's head gives (a, b), noise = (x - a) / (sigmoid(b)·0.998 + 0.001). Raising the b half by 3 makes
+#   sigmoid(b) ≈ 0.95, so the model predicts noise ≈ x - a as a trained denoiser does at high noise. Left at
+#   sigmoid(b) ≈ 0.5 it predicts ≈ 2x, and a short sampling chain blows its latents up ~40-fold.
+# - The VQGAN's output conv gets a small gain and a bias centred on 0.5, so that decoded images sit mid-range
+#   (std about 0.1) instead of half of them clamped at 0, where a parity test could not see them.
+HEAD_GAIN = {"out.1.weight": 0.1, "clf.1.weight": 0.5, "out_block.0.weight": 0.3}
+HEAD_OFFSET = {"clf.1.bias": (0.5, 3.0), "out_block.0.bias": (0.0, 0.5)}
 
 SEEDS = {"prior": 1, "decoder": 2, "vqgan": 3, "prior/text_encoder": 4, "decoder/text_encoder": 5}
 
@@ -102,6 +109,9 @@ def randomize_(model: torch.nn.Module, seed: int, head_gain: dict[str, float] | 
             tensor.normal_(1.0, 0.1, generator=generator)
         else:
             tensor.normal_(0.0, 0.1, generator=generator)
+        if name in HEAD_OFFSET:
+            left_alone, offset = HEAD_OFFSET[name]
+            tensor[int(left_alone * len(tensor)) :] += offset
 
 
 # ---------------------------------------------------------------------------------------------------------

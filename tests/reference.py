@@ -3,8 +3,8 @@ folders wurst reads. diffusers >= 0.38 cannot load these repositories with Diffu
 (its model_index.json names a module that moved), so each component is loaded on its own."""
 
 import torch
-from diffusers import DDPMWuerstchenScheduler, WuerstchenPriorPipeline
-from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 from transformers import CLIPTextModel, CLIPTokenizer
 
 
@@ -13,6 +13,18 @@ def prior_pipeline(repo_dir, dtype=torch.float32) -> WuerstchenPriorPipeline:
         tokenizer=CLIPTokenizer.from_pretrained(repo_dir / "tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(repo_dir / "text_encoder").eval().to(dtype),
         prior=WuerstchenPrior.from_pretrained(repo_dir / "prior").eval().to(dtype),
+        scheduler=DDPMWuerstchenScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def decoder_pipeline(repo_dir, dtype=torch.float32) -> WuerstchenDecoderPipeline:
+    pipe = WuerstchenDecoderPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(repo_dir / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(repo_dir / "text_encoder").eval().to(dtype),
+        decoder=WuerstchenDiffNeXt.from_pretrained(repo_dir / "decoder").eval().to(dtype),
+        vqgan=PaellaVQModel.from_pretrained(repo_dir / "vqgan").eval().to(dtype),
         scheduler=DDPMWuerstchenScheduler(),
     )
     pipe.set_progress_bar_config(disable=True)

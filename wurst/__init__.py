@@ -2,14 +2,23 @@
 
 from .clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
 from .errors import CheckpointError, ConfigError, ModelNotFoundError, WurstError
-from .pipeline import Prior
+from .pipeline import Decoder, Prior
 from .sampler import DEFAULT_STAGE_C_TIMESTEPS
+from .stage_a import StageA, StageAConfig, load_stage_a
+from .stage_b import StageB, StageBConfig, load_stage_b
 from .stage_c import StageC, StageCConfig, load_stage_c
 from .tokenizer import CLIPTokenizer, PromptTruncatedWarning
 
 __all__ = [
     "DEFAULT_STAGE_C_TIMESTEPS",
+    "Decoder",
     "Prior",
+    "StageA",
+    "StageAConfig",
+    "load_stage_a",
+    "StageB",
+    "StageBConfig",
+    "load_stage_b",
     "StageC",
     "StageCConfig",
     "load_stage_c",

@@ -1,6 +1,7 @@
 """Turning prompts into images: thin glue between the tokenizers, text encoders, denoisers and the sampler.
 
 `Prior` runs Stage C alone (prompts -> image embeddings), so it can be run or cached on its own.
+`Decoder` runs Stages B and A (image embeddings + prompts -> images).
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import sampler
 from .clip import CLIPTextEncoder, load_clip_text_encoder
 from .errors import ModelNotFoundError
 from .loader import read_config, read_json, resolve
+from .stage_a import StageA, load_stage_a
+from .stage_b import StageB, load_stage_b
 from .stage_c import StageC, load_stage_c
 from .tokenizer import CLIPTokenizer
 
@@ -30,6 +34,13 @@ class PriorPipelineConfig:
     latent_mean: float = 42.0
     latent_std: float = 1.0
     resolution_multiple: float = 42.67
+
+
+@dataclass(frozen=True)
+class DecoderPipelineConfig:
+    """`model_index.json` of a decoder repository: Stage B latents are this many times the Stage C size."""
+
+    latent_dim_scale: float = 10.67
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,39 @@ def check_count(name: str, value: int) -> int:
     return value
 
 
+def read_scheduler(folder: Path) -> SchedulerConfig:
+    path = folder / "scheduler" / "scheduler_config.json"
+    return read_config(SchedulerConfig, path) if path.is_file() else SchedulerConfig()
+
+
+def initial_latents(
+    shape: tuple[int, ...], latents: torch.Tensor | None, generator: Generator, dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """Fresh noise of `shape`, drawn as diffusers draws it, or the caller's latents after a shape check."""
+    if latents is None:
+        return sampler.randn(shape, generator, dtype, device)
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    return latents.to(device, dtype)
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def convert_images(images: torch.Tensor, output_type: str):
+    """(N, 3, H, W) images in [0, 1] -> a list of PIL images ("pil"), a float32 (N, H, W, 3) numpy array
+    ("np") or the float tensor itself ("pt")."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).float().cpu().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
+
+
 @torch.no_grad()
 def encode_text(tokenizer: CLIPTokenizer, encoder: CLIPTextEncoder, prompts: list[str]) -> torch.Tensor:
     """The full last_hidden_state (padding positions included) of each prompt, in the encoder's dtype."""
@@ -125,15 +169,12 @@ class Prior:
         components = ("prior", "text_encoder", "tokenizer", "scheduler")
         folder = resolve(ref, allow_patterns=["model_index.json", *(f"{c}/*" for c in components)])
         check_repo(folder, "WuerstchenPriorPipeline", "prior", components[:3])
-        config = read_config(PriorPipelineConfig, folder / "model_index.json")
-        scheduler_file = folder / "scheduler" / "scheduler_config.json"
-        scheduler = read_config(SchedulerConfig, scheduler_file) if scheduler_file.is_file() else SchedulerConfig()
         return cls(
             load_stage_c(folder / "prior", dtype, device),
             load_clip_text_encoder(folder / "text_encoder", dtype, device),
             CLIPTokenizer.from_dir(folder / "tokenizer"),
-            config,
-            scheduler,
+            read_config(PriorPipelineConfig, folder / "model_index.json"),
+            read_scheduler(folder),
         )
 
     @property
@@ -186,10 +227,126 @@ class Prior:
 
         denoise = sampler.guided(model, guidance) if use_cfg else model
         shape = (len(prompts) * n, self.model.config.c_in, h, w)
-        if latents is None:
-            latents = sampler.randn(shape, generator, self.dtype, self.device)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(self.device, self.dtype)
+        latents = initial_latents(shape, latents, generator, self.dtype, self.device)
         out = sampler.sample(denoise, latents, steps, generator, self.scheduler.s, self.scheduler.scaler)
         return out * self.config.latent_mean - self.config.latent_std
+
+
+class Decoder:
+    """Stages B and A: image embeddings (B, 16, h, w) and prompts -> images (B·n, 3, H, W) in [0, 1], where the
+    Stage B latent is int(h · 10.67) x int(w · 10.67) and the image four times that."""
+
+    def __init__(
+        self,
+        model: StageB,
+        vqgan: StageA,
+        text_encoder: CLIPTextEncoder,
+        tokenizer: CLIPTokenizer,
+        config: DecoderPipelineConfig = DecoderPipelineConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
+    ):
+        self.model, self.vqgan, self.text_encoder, self.tokenizer = model, vqgan, text_encoder, tokenizer
+        self.config, self.scheduler = config, scheduler
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ref: str | Path = "warp-ai/wuerstchen",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Decoder:
+        """Load a decoder repository (hub id or local directory in hub layout). device=None picks CUDA when
+        available; dtype=None picks bfloat16 on CUDA and float32 on CPU."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        components = ("decoder", "vqgan", "text_encoder", "tokenizer", "scheduler")
+        folder = resolve(ref, allow_patterns=["model_index.json", *(f"{c}/*" for c in components)])
+        check_repo(folder, "WuerstchenDecoderPipeline", "decoder", components[:4])
+        return cls(
+            load_stage_b(folder / "decoder", dtype, device),
+            load_stage_a(folder / "vqgan", dtype, device),
+            load_clip_text_encoder(folder / "text_encoder", dtype, device),
+            CLIPTokenizer.from_dir(folder / "tokenizer"),
+            read_config(DecoderPipelineConfig, folder / "model_index.json"),
+            read_scheduler(folder),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.stem.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.stem.weight.dtype
+
+    def latent_size(self, embedding_height: int, embedding_width: int) -> tuple[int, int]:
+        scale = self.config.latent_dim_scale
+        return int(embedding_height * scale), int(embedding_width * scale)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image_embeddings: torch.Tensor,
+        prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 12,
+        timesteps: Sequence[float] | None = None,
+        guidance_scale: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pt",
+    ):
+        """Images for each row of `image_embeddings`, `num_images_per_prompt` per row, in row order.
+
+        `prompt` is one string for every row, or a list whose length divides the number of rows: prompt k
+        conditions the k-th consecutive group of rows (so the B·n embeddings of a Prior call with B prompts
+        and n images per prompt go with those B prompts). Guidance applies when guidance_scale > 1: the
+        unconditional branch sees zeroed image embeddings and the negative (by default empty) prompt.
+        output_type: "pt" (N, 3, H, W) tensor, "np" (N, H, W, 3) float32 array, "pil" list of PIL images, or
+        "latent" for the Stage B latents before the VQGAN."""
+        embeddings = self.check_embeddings(image_embeddings)
+        prompts = as_prompt_list(prompt)
+        if embeddings.shape[0] % len(prompts):
+            raise ValueError(f"prompt has {len(prompts)} entries, which does not divide the "
+                             f"{embeddings.shape[0]} image embeddings")  # fmt: skip
+        n = check_count("num_images_per_prompt", num_images_per_prompt)
+        guidance = sampler.check_guidance("guidance_scale", guidance_scale)
+        steps = sampler.make_timesteps(num_inference_steps, timesteps)
+        if output_type not in (*OUTPUT_TYPES, "latent"):
+            raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+        use_cfg = guidance > 1
+        negatives = negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
+
+        # Every image gets its own embedding row and the text of the prompt that row belongs to.
+        rows_per_prompt = embeddings.shape[0] // len(prompts) * n
+        states = encode_text(self.tokenizer, self.text_encoder, prompts + negatives).to(self.dtype)
+        text = states.repeat_interleave(rows_per_prompt, dim=0)  # [cond rows; uncond rows] when guided
+        effnet = embeddings.repeat_interleave(n, dim=0)
+        if use_cfg:
+            effnet = torch.cat([effnet, torch.zeros_like(effnet)])
+
+        def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return self.model(x, r, effnet, text)
+
+        denoise = sampler.guided(model, guidance) if use_cfg else model
+        shape = (effnet.shape[0] // (2 if use_cfg else 1), self.model.config.c_in,
+                 *self.latent_size(*embeddings.shape[-2:]))  # fmt: skip
+        latents = initial_latents(shape, latents, generator, self.dtype, self.device)
+        out = sampler.sample(denoise, latents, steps, generator, self.scheduler.s, self.scheduler.scaler)
+        if output_type == "latent":
+            return out
+        return convert_images(self.decode(out), output_type)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Stage B latents -> images clamped to [0, 1] (scaled into the VQGAN's range, not quantised)."""
+        return self.vqgan.decode(latents * self.vqgan.config.scale_factor).clamp(0, 1)
+
+    def check_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        channels = self.model.config.effnet_embd
+        is_tensor = isinstance(image_embeddings, torch.Tensor)
+        shape = tuple(image_embeddings.shape) if is_tensor else ()
+        if len(shape) != 4 or shape[1] != channels or shape[0] == 0:
+            got = f"shape {shape}" if is_tensor else type(image_embeddings).__name__
+            raise ValueError(f"image_embeddings must be a (B, {channels}, h, w) tensor with B > 0, got {got}")
+        return image_embeddings.to(self.device, self.dtype)

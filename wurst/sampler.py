@@ -123,9 +123,7 @@ def sample(
     return result
 
 
-def guided(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance_scale: float
-) -> Denoiser:
+def guided(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance_scale: float) -> Denoiser:
     """Classifier-free guidance around a model that takes a doubled batch [conditional; unconditional]:
     lerp(uncond, cond, w), which is uncond + w * (cond - uncond) as torch.lerp rounds it."""
 

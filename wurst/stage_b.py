@@ -155,6 +155,9 @@ class StageB(nn.Module):
                 return block(h, text)
             return block(h)  # a Resample
 
+        factor = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)  # the U-Net's skips need exact halvings
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"Stage B latent sides must be multiples of {factor}, got {tuple(x.shape[-2:])}")
         h = channel_norm(self.stem(F.pixel_unshuffle(x, cfg.patch_size)))
         level_outputs = []
         for i, level in enumerate(self.down_levels):

@@ -131,5 +131,3 @@ class CLIPTokenizer:
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(pad_token={self.pad_token!r}, max_length={self.max_length})"
-
-
