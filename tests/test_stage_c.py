@@ -133,7 +133,8 @@ def test_tiny_prompt_list_equals_separate_runs(tiny_pair, tiny_prior_repo):
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
         (dict(guidance_scale=-2.0), "guidance_scale must be a finite number >= 0"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
-        (dict(height=0), "height must be a positive integer"),
+        (dict(height=0), "height must be a positive multiple of 128"),
+        (dict(width=1000), "width must be a multiple of 128, got 1000: use 896 or 1024"),
         (dict(negative_prompt=["a", "b", "c"]), "negative_prompt has 3 entries but prompt has 1"),
     ],
 )

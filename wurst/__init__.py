@@ -1,8 +1,8 @@
 """wurst: a from-scratch, pure-PyTorch Würstchen v2 text-to-image model."""
 
 from .clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
-from .errors import CheckpointError, ConfigError, ModelNotFoundError, WurstError
-from .pipeline import Decoder, Prior
+from .errors import CheckpointError, ConfigError, GenerationStopped, ModelNotFoundError, WurstError
+from .pipeline import Decoder, Pipeline, Prior, generate
 from .sampler import DEFAULT_STAGE_C_TIMESTEPS
 from .stage_a import StageA, StageAConfig, load_stage_a
 from .stage_b import StageB, StageBConfig, load_stage_b
@@ -12,6 +12,9 @@ from .tokenizer import CLIPTokenizer, PromptTruncatedWarning
 __all__ = [
     "DEFAULT_STAGE_C_TIMESTEPS",
     "Decoder",
+    "GenerationStopped",
+    "Pipeline",
+    "generate",
     "Prior",
     "StageA",
     "StageAConfig",

@@ -15,3 +15,7 @@ class ConfigError(WurstError, ValueError):
 
 class CheckpointError(WurstError, ValueError):
     """A weight file that is corrupt, truncated, or holds missing, unexpected or mis-shaped tensors."""
+
+
+class GenerationStopped(WurstError):
+    """A step callback asked to stop; no images are returned."""

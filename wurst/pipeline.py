@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from . import sampler
 from .clip import CLIPTextEncoder, load_clip_text_encoder
-from .errors import ModelNotFoundError
+from .errors import GenerationStopped, ModelNotFoundError
 from .loader import read_config, read_json, resolve
 from .stage_a import StageA, load_stage_a
 from .stage_b import StageB, load_stage_b
@@ -24,6 +25,12 @@ from .stage_c import StageC, load_stage_c
 from .tokenizer import CLIPTokenizer
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
+# Called after every sampler step with (stage, step index, timestep, latents): stage is "prior" or "decoder".
+# Returning False stops the generation, which then raises GenerationStopped.
+StepCallback = Callable[[str, int, float, torch.Tensor], bool | None]
+
+SIZE_MULTIPLE = 128  # what both U-Nets' resampling needs of an image side
+LARGEST_TRAINED = 2048
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,31 @@ def negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) ->
     if len(negatives) != count:
         raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {count}")
     return negatives
+
+
+def check_size(name: str, value: int) -> int:
+    """Image sides are positive multiples of 128; past 2048 the model degrades, so warn there."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
+    if value % SIZE_MULTIPLE:
+        below = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+        nearest = f"{below} or {below + SIZE_MULTIPLE}" if below else str(SIZE_MULTIPLE)
+        raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}: use {nearest}")
+    if value > LARGEST_TRAINED:
+        warnings.warn(f"{name} {value} is over {LARGEST_TRAINED}, beyond what Würstchen was used at; expect "
+                      "repeated or broken structure", stacklevel=3)  # fmt: skip
+    return value
+
+
+def run_sampler(
+    stage: str, denoise: sampler.Denoiser, latents: torch.Tensor, timesteps: torch.Tensor, generator: Generator,
+    scheduler: SchedulerConfig, callback: StepCallback | None,
+) -> torch.Tensor:  # fmt: skip
+    result = latents
+    for i, t, result in sampler.sample_steps(denoise, latents, timesteps, generator, scheduler.s, scheduler.scaler):
+        if callback is not None and callback(stage, i, float(t), result) is False:
+            raise GenerationStopped(f"generation stopped by the step callback after {stage} step {i + 1}")
+    return result
 
 
 def check_count(name: str, value: int) -> int:
@@ -186,8 +218,7 @@ class Prior:
         return self.model.projection.weight.dtype
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        for name, value in (("height", height), ("width", width)):
-            check_count(name, value)
+        check_size("height", height), check_size("width", width)
         multiple = self.config.resolution_multiple
         return math.ceil(height / multiple), math.ceil(width / multiple)
 
@@ -204,6 +235,7 @@ class Prior:
         guidance_scale: float = 4.0,
         generator: Generator = None,
         latents: torch.Tensor | None = None,
+        callback_on_step_end: StepCallback | None = None,
     ) -> torch.Tensor:
         """Image embeddings for each prompt, `num_images_per_prompt` per prompt, in prompt order. Without
         `num_inference_steps` or `timesteps`, Stage C uses DEFAULT_STAGE_C_TIMESTEPS. Guidance applies when
@@ -228,7 +260,7 @@ class Prior:
         denoise = sampler.guided(model, guidance) if use_cfg else model
         shape = (len(prompts) * n, self.model.config.c_in, h, w)
         latents = initial_latents(shape, latents, generator, self.dtype, self.device)
-        out = sampler.sample(denoise, latents, steps, generator, self.scheduler.s, self.scheduler.scaler)
+        out = run_sampler("prior", denoise, latents, steps, generator, self.scheduler, callback_on_step_end)
         return out * self.config.latent_mean - self.config.latent_std
 
 
@@ -296,6 +328,7 @@ class Decoder:
         generator: Generator = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pt",
+        callback_on_step_end: StepCallback | None = None,
     ):
         """Images for each row of `image_embeddings`, `num_images_per_prompt` per row, in row order.
 
@@ -333,7 +366,7 @@ class Decoder:
         shape = (effnet.shape[0] // (2 if use_cfg else 1), self.model.config.c_in,
                  *self.latent_size(*embeddings.shape[-2:]))  # fmt: skip
         latents = initial_latents(shape, latents, generator, self.dtype, self.device)
-        out = sampler.sample(denoise, latents, steps, generator, self.scheduler.s, self.scheduler.scaler)
+        out = run_sampler("decoder", denoise, latents, steps, generator, self.scheduler, callback_on_step_end)
         if output_type == "latent":
             return out
         return convert_images(self.decode(out), output_type)
@@ -350,3 +383,98 @@ class Decoder:
             got = f"shape {shape}" if is_tensor else type(image_embeddings).__name__
             raise ValueError(f"image_embeddings must be a (B, {channels}, h, w) tensor with B > 0, got {got}")
         return image_embeddings.to(self.device, self.dtype)
+
+
+class Pipeline:
+    """Text to image: Stage C (Prior), then Stages B and A (Decoder). Mirrors the call of diffusers'
+    WuerstchenCombinedPipeline, so code written against it ports by changing one line."""
+
+    def __init__(self, prior: Prior, decoder: Decoder, prior_ref: str = "", decoder_ref: str = ""):
+        self.prior, self.decoder = prior, decoder
+        self.prior_ref, self.decoder_ref = prior_ref, decoder_ref  # recorded in image metadata
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        prior: str | Path = "warp-ai/wuerstchen-prior",
+        decoder: str | Path = "warp-ai/wuerstchen",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Pipeline:
+        """Each of prior and decoder is a hub id or a local directory in hub layout. device=None picks CUDA
+        when available; dtype=None picks bfloat16 on CUDA and float32 on CPU."""
+        return cls(
+            Prior.from_pretrained(prior, device, dtype),
+            Decoder.from_pretrained(decoder, device, dtype),
+            str(prior),
+            str(decoder),
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        height: int = 1024,
+        width: int = 1024,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        prior_num_inference_steps: int | None = None,
+        prior_timesteps: Sequence[float] | None = None,
+        prior_guidance_scale: float = 4.0,
+        num_inference_steps: int = 12,
+        decoder_timesteps: Sequence[float] | None = None,
+        decoder_guidance_scale: float = 0.0,
+        generator: Generator = None,
+        output_type: str = "pil",
+        callback_on_step_end: StepCallback | None = None,
+    ):
+        """Images for each prompt, `num_images_per_prompt` per prompt, in prompt order: a list of PIL images
+        ("pil"), a float32 (N, H, W, 3) array in [0, 1] ("np"), or a float (N, 3, H, W) tensor ("pt").
+
+        Stage C uses DEFAULT_STAGE_C_TIMESTEPS unless prior_num_inference_steps or prior_timesteps is given.
+        `negative_prompt` serves both stages' guidance. One generator (or one per image) drives both stages
+        in turn, as in diffusers, so a seed reproduces diffusers' image."""
+        # Check everything before the first model call, so a bad argument costs no compute.
+        prompts = as_prompt_list(prompt)
+        check_size("height", height), check_size("width", width)
+        check_count("num_images_per_prompt", num_images_per_prompt)
+        sampler.check_guidance("prior_guidance_scale", prior_guidance_scale)
+        sampler.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
+        if prior_num_inference_steps is not None or prior_timesteps is not None:
+            sampler.make_timesteps(prior_num_inference_steps, prior_timesteps)
+        sampler.make_timesteps(num_inference_steps, decoder_timesteps)
+        negative_prompts(negative_prompt, len(prompts))
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of pil, np, pt; got {output_type!r}")
+
+        embeddings = self.prior(
+            prompts, height, width, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
+            prior_timesteps, prior_guidance_scale, generator, callback_on_step_end=callback_on_step_end,
+        )  # fmt: skip
+        return self.decoder(
+            embeddings, prompts, negative_prompt, 1, num_inference_steps, decoder_timesteps,
+            decoder_guidance_scale, generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
+        )  # fmt: skip
+
+
+_cached: dict[tuple, Pipeline] = {}
+
+
+def generate(
+    prompt: str | Sequence[str],
+    height: int = 1024,
+    width: int = 1024,
+    *,
+    prior: str | Path = "warp-ai/wuerstchen-prior",
+    decoder: str | Path = "warp-ai/wuerstchen",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+):
+    """One call from prompt to images, with the keywords of Pipeline.__call__. The loaded pipeline is kept
+    for the next call in this process with the same models, device and dtype."""
+    key = (str(prior), str(decoder), str(device), dtype)
+    if key not in _cached:
+        _cached.clear()  # one pipeline at a time: each is several GB
+        _cached[key] = Pipeline.from_pretrained(prior, decoder, device, dtype)
+    return _cached[key](prompt, height, width, **kwargs)

@@ -1,0 +1,167 @@
+"""The whole pipeline: seed parity of wurst.Pipeline with diffusers' WuerstchenCombinedPipeline (assembled from
+components), wurst.generate, output types and the step callback."""
+
+import numpy as np
+import pytest
+import torch
+
+import wurst
+from tests import hub_fixtures, reference
+from tests.test_stage_b import assert_images_informative
+from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, Pipeline
+
+PROMPT, OTHER = "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting"
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_prior_repo, tiny_decoder_repo):
+    ours = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo)
+    return ours, reference.combined_pipeline(tiny_prior_repo, tiny_decoder_repo)
+
+
+def run_both(ours, ref, prompt, seed=7, **kwargs):
+    got = ours(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs)
+    if "prior_num_inference_steps" not in kwargs and "prior_timesteps" not in kwargs:
+        kwargs["prior_timesteps"] = DEFAULT_STAGE_C_TIMESTEPS  # wurst's default; diffusers' is 60 even steps
+    expected = ref(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
+    return got, expected
+
+
+RUNS = {
+    "defaults": dict(),
+    "negative-prompt-guided-decoder": dict(negative_prompt="blurry, low quality", decoder_guidance_scale=2.0),
+    "two-per-prompt": dict(num_images_per_prompt=2, prior_num_inference_steps=10),
+    "non-square": dict(height=384, width=256, prior_num_inference_steps=10),
+    "tall": dict(height=128, width=512, prior_guidance_scale=8.0, prior_num_inference_steps=10),
+    "custom-timesteps": dict(prior_timesteps=[1.0, 0.8, 0.6, 0.3, 0.0], decoder_timesteps=[1.0, 0.9, 0.6, 0.3, 0.0]),
+    "no-guidance": dict(prior_guidance_scale=1.0, prior_num_inference_steps=10),
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_tiny_seed_parity(name, tiny_pair):
+    ours, ref = tiny_pair
+    kwargs = {"height": 256, "width": 256, **RUNS[name]}
+    got, expected = run_both(ours, ref, PROMPT, **kwargs)
+    assert got.shape == expected.shape == (kwargs.get("num_images_per_prompt", 1), 3, kwargs["height"], kwargs["width"])
+    assert (got - expected).abs().max() <= 1e-3
+    if "custom" not in name:  # six decoder steps are too few for random weights to stay off the clamp
+        assert_images_informative(expected)
+
+
+def test_tiny_prompt_list_equals_separate_runs(tiny_pair):
+    """diffusers fails on a list of prompts with this decoder (see the notes), so each image is compared with a
+    separate diffusers run driven by that image's generator."""
+    ours, ref = tiny_pair
+    kwargs = dict(height=256, width=256, prior_num_inference_steps=8, decoder_guidance_scale=2.0)
+    seeds = [3, 4, 5, 6]
+    got = ours([PROMPT, OTHER], negative_prompt=["ugly", "dark"], num_images_per_prompt=2, output_type="pt",
+               generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)  # fmt: skip
+    assert got.shape == (4, 3, 256, 256)
+    for k, (prompt, negative) in enumerate([(PROMPT, "ugly"), (PROMPT, "ugly"), (OTHER, "dark"), (OTHER, "dark")]):
+        expected = ref(prompt, negative_prompt=negative, generator=torch.Generator().manual_seed(seeds[k]),
+                       output_type="pt", **kwargs).images  # fmt: skip
+        assert (got[k] - expected[0]).abs().max() <= 1e-3, k
+
+
+def test_tiny_output_types(tiny_pair):
+    ours, _ = tiny_pair
+    kwargs = dict(height=128, width=256, prior_num_inference_steps=3, num_inference_steps=3)
+    runs = {t: ours(PROMPT, generator=torch.Generator().manual_seed(1), output_type=t, **kwargs)
+            for t in ("pil", "np", "pt")}  # fmt: skip
+    assert runs["pt"].shape == (1, 3, 128, 256) and runs["pt"].dtype == torch.float32
+    assert runs["np"].shape == (1, 128, 256, 3) and runs["np"].dtype == np.float32
+    assert np.array_equal(runs["np"][0], runs["pt"][0].permute(1, 2, 0).numpy())
+    image = runs["pil"][0]
+    assert image.size == (256, 128) and image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), (runs["np"][0] * 255).round().astype(np.uint8))
+
+
+def test_tiny_callback_watches_and_stops(tiny_pair):
+    ours, _ = tiny_pair
+    seen = []
+
+    def watch(stage, step, timestep, latents):
+        seen.append((stage, step, round(timestep, 4), tuple(latents.shape)))
+
+    ours(PROMPT, height=256, width=128, prior_num_inference_steps=3, num_inference_steps=2, callback_on_step_end=watch)
+    assert seen == [("prior", 0, 1.0, (1, 16, 6, 3)), ("prior", 1, 0.6667, (1, 16, 6, 3)),
+                    ("prior", 2, 0.3333, (1, 16, 6, 3)), ("decoder", 0, 1.0, (1, 4, 64, 32)),
+                    ("decoder", 1, 0.5, (1, 4, 64, 32))]  # fmt: skip
+
+    def stop_in_decoder(stage, step, timestep, latents):
+        return stage != "decoder"
+
+    with pytest.raises(GenerationStopped, match="after decoder step 1"):
+        ours(PROMPT, height=128, width=128, prior_num_inference_steps=2, callback_on_step_end=stop_in_decoder)
+
+
+def test_generate_caches_the_pipeline(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
+    loads = []
+    real = Pipeline.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(wurst.pipeline, "_cached", {})
+    kwargs = dict(prior=tiny_prior_repo, decoder=tiny_decoder_repo, prior_num_inference_steps=2,
+                  num_inference_steps=2, output_type="pt")  # fmt: skip
+    first = wurst.generate(PROMPT, 128, 128, generator=torch.Generator().manual_seed(0), **kwargs)
+    second = wurst.generate(PROMPT, 128, 128, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(loads) == 1
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(height=1000), "height must be a multiple of 128, got 1000: use 896 or 1024"),
+        (dict(width=-128), "width must be a positive multiple of 128"),
+        (dict(width=100), "width must be a multiple of 128, got 100: use 128"),
+        (dict(prior_num_inference_steps=0), "num_steps must be a positive integer"),
+        (dict(num_inference_steps=-1), "num_steps must be a positive integer"),
+        (dict(prior_guidance_scale=float("nan")), "prior_guidance_scale must be a finite number"),
+        (dict(decoder_guidance_scale=-1.0), "decoder_guidance_scale must be a finite number >= 0"),
+        (dict(decoder_timesteps=[0.5, 0.5, 0.0]), "timesteps must be strictly descending"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries but prompt has 1"),
+        (dict(output_type="latent"), "output_type must be one of pil, np, pt"),
+    ],
+)
+def test_bad_inputs_fail_before_any_model_runs(kwargs, match, tiny_pair):
+    ours, _ = tiny_pair
+
+    def no_model_may_run(*args, **kw):
+        raise AssertionError("a model ran before the arguments were checked")
+
+    prior_model, decoder_model = ours.prior.model, ours.decoder.model
+    ours.prior.model = ours.decoder.model = no_model_may_run
+    try:
+        with pytest.raises(ValueError, match=match):
+            ours(PROMPT, **kwargs)
+    finally:
+        ours.prior.model, ours.decoder.model = prior_model, decoder_model
+
+
+def test_size_over_2048_warns(tiny_pair):
+    ours, _ = tiny_pair
+    with pytest.warns(UserWarning, match="width 2176 is over 2048"):
+        ours.prior.latent_size(128, 2176)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Published size
+
+
+@pytest.mark.slow
+def test_published_seed_parity():
+    prior_dir, decoder_dir = hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
+    ours = Pipeline.from_pretrained(prior_dir, decoder_dir)
+    ref = reference.combined_pipeline(prior_dir, decoder_dir)
+    got, expected = run_both(ours, ref, PROMPT, height=256, width=256, prior_num_inference_steps=2,
+                             num_inference_steps=2, negative_prompt="blurry")  # fmt: skip
+    error = (got - expected).abs().max().item()
+    print(f"published pipeline 256x256, 2 + 2 steps: max abs error {error:.1e}")
+    assert error <= 2e-3
