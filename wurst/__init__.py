@@ -1,7 +1,7 @@
 """wurst: a from-scratch, pure-PyTorch Würstchen v2 text-to-image model."""
 
 from .clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
-from .errors import CheckpointError, ConfigError, GenerationStopped, ModelNotFoundError, WurstError
+from .errors import CheckpointError, ConfigError, GenerationStopped, ModelNotFoundError, NumericalError, WurstError
 from .pipeline import Decoder, Pipeline, Prior, generate
 from .sampler import DEFAULT_STAGE_C_TIMESTEPS
 from .stage_a import StageA, StageAConfig, load_stage_a
@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_STAGE_C_TIMESTEPS",
     "Decoder",
     "GenerationStopped",
+    "NumericalError",
     "Pipeline",
     "generate",
     "Prior",

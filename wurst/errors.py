@@ -19,3 +19,7 @@ class CheckpointError(WurstError, ValueError):
 
 class GenerationStopped(WurstError):
     """A step callback asked to stop; no images are returned."""
+
+
+class NumericalError(WurstError):
+    """NaN or inf in the latents, typically float16 overflow."""

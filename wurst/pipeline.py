@@ -17,7 +17,7 @@ import torch
 
 from . import sampler
 from .clip import CLIPTextEncoder, load_clip_text_encoder
-from .errors import GenerationStopped, ModelNotFoundError
+from .errors import GenerationStopped, ModelNotFoundError, NumericalError
 from .loader import read_config, read_json, resolve
 from .stage_a import StageA, load_stage_a
 from .stage_b import StageB, load_stage_b
@@ -123,6 +123,10 @@ def run_sampler(
     for i, t, result in sampler.sample_steps(denoise, latents, timesteps, generator, scheduler.s, scheduler.scaler):
         if callback is not None and callback(stage, i, float(t), result) is False:
             raise GenerationStopped(f"generation stopped by the step callback after {stage} step {i + 1}")
+    if not torch.isfinite(result).all():
+        stage_name = {"prior": "Stage C", "decoder": "Stage B"}.get(stage, stage)
+        raise NumericalError(f"the {stage_name} latents hold NaN or inf (in {result.dtype}; float16 overflows in "
+                             "this model): use bfloat16 or float32")  # fmt: skip
     return result
 
 

@@ -1,0 +1,192 @@
+"""`python -m wurst PROMPT [options]`: generate images and write them as PNGs carrying their settings.
+
+Everything that can be checked is checked before a model is loaded. Bad input ends in one line on stderr and a
+non-zero exit, never a traceback; files are written atomically (a temporary name, then a rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see python -m wurst --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m wurst", description="Würstchen v2 text-to-image, in pure PyTorch.")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (guided stages only)")
+    p.add_argument("--height", type=int, default=1024, help="image height, a multiple of 128 (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width, a multiple of 128 (default 1024)")
+    p.add_argument("--seed", type=int, default=None, help="torch.Generator('cpu').manual_seed(SEED); random if unset")
+    p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
+    p.add_argument("--prior-steps", type=int, default=None,
+                   help="Stage C steps (default: the 29-step DEFAULT_STAGE_C_TIMESTEPS schedule)")  # fmt: skip
+    p.add_argument("--decoder-steps", type=int, default=12, help="Stage B steps (default 12)")
+    p.add_argument("--prior-guidance", type=float, default=4.0, help="Stage C guidance scale (default 4)")
+    p.add_argument("--decoder-guidance", type=float, default=0.0, help="Stage B guidance scale (default 0: off)")
+    p.add_argument("--prior", default="warp-ai/wuerstchen-prior", help="prior: hub id or directory in hub layout")
+    p.add_argument("--decoder", default="warp-ai/wuerstchen", help="decoder: hub id or directory in hub layout")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
+    p.add_argument("--output", default=None, help="PNG path (default: built from the prompt and seed, here)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files instead of refusing")
+    return p
+
+
+def slug(prompt: str, length: int = 60) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return words[:length].rstrip("-") or "image"
+
+
+def output_paths(output: str | None, prompt: str, seed: int, count: int) -> list[Path]:
+    """One path per image: numbered (-1, -2, ...) when there are several."""
+    base = Path(output) if output else Path(f"{slug(prompt)}-{seed}.png")
+    if base.suffix.lower() != ".png":
+        raise UsageError(f"--output {base} must end in .png")
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(count)]
+
+
+def check_writable(paths: list[Path], overwrite: bool) -> None:
+    """Fail before any model is loaded, so minutes of compute are not thrown away at the end."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise UsageError(f"{path} already exists: pass --overwrite to replace it, or choose another --output")
+        if path.is_dir():
+            raise UsageError(f"--output {path} is a directory")
+    folder = paths[0].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".wurst-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from e
+
+
+def write_png_atomically(image, path: Path, metadata: dict[str, str]) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class Progress:
+    """A one-line progress bar per stage on stderr, driven by the pipeline's step callback."""
+
+    def __init__(self, totals: dict[str, int]):
+        self.totals, self.start = totals, time.perf_counter()
+
+    def __call__(self, stage: str, step: int, timestep: float, latents) -> None:
+        total, done = self.totals[stage], step + 1
+        if step == 0:
+            self.start = time.perf_counter()
+        bar = "#" * (30 * done // total)
+        elapsed = time.perf_counter() - self.start
+        line = f"{stage:>7} [{bar:<30}] {done}/{total} {elapsed:.1f}s"
+        if sys.stderr.isatty():
+            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total:  # a log file gets one line per stage
+            print(line, file=sys.stderr, flush=True)
+
+
+def run(argv: list[str]) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    import wurst
+    from wurst import pipeline as wp
+    from wurst import sampler
+
+    # Cheap checks first: arguments, then the output location.
+    wp.check_size("--height", args.height), wp.check_size("--width", args.width)
+    wp.check_count("--num-images", args.num_images)
+    sampler.check_guidance("--prior-guidance", args.prior_guidance)
+    sampler.check_guidance("--decoder-guidance", args.decoder_guidance)
+    for name, steps in (("--prior-steps", args.prior_steps), ("--decoder-steps", args.decoder_steps)):
+        if steps is not None and steps <= 0:
+            raise UsageError(f"{name} must be a positive integer, got {steps}")
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    paths = output_paths(args.output, args.prompt, seed, args.num_images)
+    check_writable(paths, args.overwrite)
+    device = torch.device(args.device) if args.device else wp.default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else wp.default_dtype(device)
+
+    pipe = wurst.Pipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype)
+    prior_steps = args.prior_steps or len(sampler.DEFAULT_STAGE_C_TIMESTEPS) - 1
+    images = pipe(
+        args.prompt, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.num_images, prior_num_inference_steps=args.prior_steps,
+        prior_guidance_scale=args.prior_guidance, num_inference_steps=args.decoder_steps,
+        decoder_guidance_scale=args.decoder_guidance, generator=torch.Generator("cpu").manual_seed(seed),
+        callback_on_step_end=Progress({"prior": prior_steps, "decoder": args.decoder_steps}),
+    )  # fmt: skip
+
+    settings = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
+        "height": args.height, "width": args.width, "num_images": args.num_images,
+        "prior_steps": args.prior_steps if args.prior_steps else "default", "decoder_steps": args.decoder_steps,
+        "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance,
+        "prior": str(args.prior), "decoder": str(args.decoder), "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "wurst_version": wurst.__version__,
+    }  # fmt: skip
+    command = ["python", "-m", "wurst", *argv, *(["--seed", str(seed)] if args.seed is None else [])]
+    for index, (image, path) in enumerate(zip(images, paths, strict=True)):
+        metadata = {k: str(v) for k, v in settings.items()}
+        metadata["image_index"] = str(index)  # this image's place in a --num-images batch from that seed
+        metadata["wurst"] = json.dumps({**settings, "image_index": index})
+        metadata["command"] = shlex.join(command)
+        write_png_atomically(image, path, metadata)
+        print(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wurst.errors import WurstError
+
+    argv = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = lambda message, *rest: print(f"wurst: warning: {message}", file=sys.stderr)
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        print("wurst: interrupted; no image was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UsageError, WurstError, ValueError, OSError) as e:
+        print(f"wurst: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
