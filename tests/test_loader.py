@@ -36,6 +36,21 @@ def test_read_safetensors_matches_the_reference_reader(encoder_dir):
         assert ours[name].dtype == ref[name].dtype and torch.equal(ours[name], ref[name]), name
 
 
+def test_every_tensor_is_64_byte_aligned_and_aligned_ones_are_not_copied(tmp_path):
+    # Sizes chosen so that most tensors start off a 64-byte boundary in a file written by safetensors itself.
+    state = {f"t{i}": torch.randn(n) for i, n in enumerate([3, 16, 5, 64, 7, 1000, 1, 33])}
+    save_file(state, tmp_path / "odd.safetensors")
+    ours = read_safetensors(tmp_path / "odd.safetensors")
+    assert all(t.data_ptr() % 64 == 0 and torch.equal(t, state[n]) for n, t in ours.items())
+    # A file whose tensors all start on a boundary is viewed in place: every tensor shares one mapping.
+    tools_convert = pytest.importorskip("tools.convert_weights")
+    tools_convert.save_aligned(state, tmp_path / "aligned.safetensors")
+    assert load_file(tmp_path / "aligned.safetensors").keys() == state.keys()  # still a valid safetensors file
+    mapped = read_safetensors(tmp_path / "aligned.safetensors")
+    assert mapped["t3"].data_ptr() == mapped["t1"].data_ptr() + 64  # written first, back to back in the mapping
+    assert all(t.data_ptr() % 64 == 0 and torch.equal(t, state[n]) for n, t in mapped.items())
+
+
 def test_loaded_parameters_are_the_mapped_file_not_copies(encoder_dir):
     state = read_weights([encoder_dir / "model.safetensors"])
     cfg = read_config(CLIPTextConfig, encoder_dir / "config.json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import mmap
 import os
 import re
@@ -103,8 +104,14 @@ _DTYPES = {
 }  # fmt: skip
 
 
+# Tensors that start on a 64-byte boundary are viewed in place. The others are read into fresh (64-byte
+# aligned) memory: oneDNN takes different vectorised paths for unaligned weights, so viewing them in place
+# would make results depend on where a file happens to put each tensor, and differ slightly from a copy.
+ALIGNMENT = 64
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Map every tensor of a .safetensors file without copying it.
+    """Map every tensor of a .safetensors file, without copying the aligned ones.
 
     The file is mapped copy-on-write, so the tensors are writable views whose pages come from the page
     cache on first touch; nothing is read until a tensor is used.
@@ -119,13 +126,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
             header = json.loads(f.read(header_len))
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+            return _tensors(path, f, buffer, header, 8 + header_len, size)
     except FileNotFoundError as e:
         raise ModelNotFoundError(f"missing weight file: {path}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
-    data_start = 8 + header_len
+
+
+def _tensors(path: Path, file, buffer, header: dict, data_start: int, size: int) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -136,9 +146,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path} is corrupt: bad header entry for tensor '{name}'") from e
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
         if end - begin != numel * itemsize or begin < 0 or data_start + end > size:
             raise CheckpointError(
@@ -147,12 +155,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             )
         if numel == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
-        elif (data_start + begin) % itemsize == 0:
-            flat = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin)
-            tensors[name] = flat.view(shape)
-        else:  # misaligned data cannot be viewed in place; copy this one tensor
-            raw = bytearray(buffer[data_start + begin : data_start + end])
-            tensors[name] = torch.frombuffer(raw, dtype=dtype).view(shape)
+        elif (data_start + begin) % ALIGNMENT == 0:  # the mapping itself starts on a page boundary
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+        else:  # read through the file, so the mapped pages are never touched and never count twice
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            file.seek(data_start + begin)
+            file.readinto(memoryview(raw.numpy()))
+            tensors[name] = raw.view(dtype).view(shape)
     return tensors
 
 
@@ -220,6 +229,8 @@ class KeyMap:
         return checkpoint_name if checkpoint_name.startswith(self.prefix) else self.prefix + checkpoint_name
 
     def to_module(self, checkpoint_name: str) -> str | None:
+        if not self.pairs:  # an empty table: the file already uses the module's names
+            return checkpoint_name
         return self._apply(self._forward, self._with_prefix(checkpoint_name))
 
     def to_checkpoint(self, module_name: str) -> str:
@@ -279,3 +290,6 @@ def load_module(
         raise CheckpointError(f"{source}: unexpected tensor {_summarise([repr(u) for u in unexpected])}")
     module.load_state_dict(assigned, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+SAME_NAMES = KeyMap([])  # for files in wurst's own layout, written under the module names

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,12 +17,12 @@ import numpy as np
 import torch
 
 from . import sampler
-from .clip import CLIPTextEncoder, load_clip_text_encoder
-from .errors import GenerationStopped, ModelNotFoundError, NumericalError
-from .loader import read_config, read_json, resolve
-from .stage_a import StageA, load_stage_a
-from .stage_b import StageB, load_stage_b
-from .stage_c import StageC, load_stage_c
+from .clip import CLIPTextConfig, CLIPTextEncoder, load_clip_text_encoder
+from .errors import ConfigError, GenerationStopped, ModelNotFoundError, NumericalError
+from .loader import SAME_NAMES, config_from_dict, load_module, read_config, read_json, read_safetensors, resolve
+from .stage_a import StageA, StageAConfig, load_stage_a
+from .stage_b import StageB, StageBConfig, load_stage_b
+from .stage_c import StageC, StageCConfig, load_stage_c
 from .tokenizer import CLIPTokenizer
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -64,6 +65,38 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# wurst's own compact layout (written by tools/convert_weights.py): one folder per repository holding
+# wurst.json (every config), one safetensors file per model under wurst's module names, and tokenizer/.
+CONVERTED_INDEX = "wurst.json"
+MODELS = {"stage_c": (StageCConfig, StageC), "stage_b": (StageBConfig, StageB), "stage_a": (StageAConfig, StageA),
+          "text_encoder": (CLIPTextConfig, CLIPTextEncoder)}  # fmt: skip
+
+
+def load_converted(folder: Path, kind: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """The models, configs and tokenizer of a converted prior or decoder folder, by name."""
+    index_path = folder / CONVERTED_INDEX
+    index = read_json(index_path)
+    if index.get("kind") != kind:
+        raise ModelNotFoundError(f"{folder} holds a converted {index.get('kind')}, not the {kind}")
+    try:
+        parts = {
+            "pipeline": index["pipeline"], "scheduler": config_from_dict(SchedulerConfig, index["scheduler"],
+                                                                        str(index_path)),
+            "tokenizer": CLIPTokenizer.from_dir(folder / "tokenizer"),
+        }  # fmt: skip
+        for name, config in index["models"].items():
+            if name not in MODELS:
+                raise ConfigError(f"{index_path} names an unknown model {name!r}")
+            config_cls, model_cls = MODELS[name]
+            cfg = config_from_dict(config_cls, config, f"{index_path} (models.{name})")
+            path = folder / f"{name}.safetensors"
+            build = functools.partial(model_cls, cfg)
+            parts[name] = load_module(build, read_safetensors(path), SAME_NAMES, str(path), dtype, device)
+    except KeyError as e:
+        raise ConfigError(f"{index_path} lacks the field {e}") from e
+    return parts
 
 
 def check_repo(folder: Path, expected_class: str, role: str, components: Sequence[str]) -> None:
@@ -204,6 +237,10 @@ class Prior:
         dtype = dtype or default_dtype(device)
         components = ("prior", "text_encoder", "tokenizer", "scheduler")
         folder = resolve(ref, allow_patterns=["model_index.json", *(f"{c}/*" for c in components)])
+        if (folder / CONVERTED_INDEX).is_file():
+            parts = load_converted(folder, "prior", dtype, device)
+            config = config_from_dict(PriorPipelineConfig, parts["pipeline"], str(folder / CONVERTED_INDEX))
+            return cls(parts["stage_c"], parts["text_encoder"], parts["tokenizer"], config, parts["scheduler"])
         check_repo(folder, "WuerstchenPriorPipeline", "prior", components[:3])
         return cls(
             load_stage_c(folder / "prior", dtype, device),
@@ -297,6 +334,11 @@ class Decoder:
         dtype = dtype or default_dtype(device)
         components = ("decoder", "vqgan", "text_encoder", "tokenizer", "scheduler")
         folder = resolve(ref, allow_patterns=["model_index.json", *(f"{c}/*" for c in components)])
+        if (folder / CONVERTED_INDEX).is_file():
+            parts = load_converted(folder, "decoder", dtype, device)
+            config = config_from_dict(DecoderPipelineConfig, parts["pipeline"], str(folder / CONVERTED_INDEX))
+            return cls(parts["stage_b"], parts["stage_a"], parts["text_encoder"], parts["tokenizer"], config,
+                       parts["scheduler"])  # fmt: skip
         check_repo(folder, "WuerstchenDecoderPipeline", "decoder", components[:4])
         return cls(
             load_stage_b(folder / "decoder", dtype, device),

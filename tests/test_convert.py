@@ -1,0 +1,116 @@
+"""tools/convert_weights.py: the compact wurst layout loads through Pipeline.from_pretrained and gives identical
+images; casts, Stage C interpolation and refusals."""
+
+import json
+
+import pytest
+import torch
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests import hub_fixtures
+from tests.test_pipeline import PROMPT
+from tools import convert_weights
+from wurst import ModelNotFoundError, Pipeline, Prior
+
+RUN = dict(height=256, width=128, prior_num_inference_steps=4, num_inference_steps=12, output_type="pt")
+
+
+def images(prior, decoder, seed=3):
+    pipe = Pipeline.from_pretrained(prior, decoder, device="cpu")
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **RUN)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_prior_repo, tiny_decoder_repo):
+    out = tmp_path_factory.mktemp("converted")
+    assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
+                                 "--out", str(out)]) == 0  # fmt: skip
+    return out
+
+
+def test_converted_layout_gives_identical_images(converted, tiny_prior_repo, tiny_decoder_repo):
+    assert torch.equal(images(converted / "prior", converted / "decoder"), images(tiny_prior_repo, tiny_decoder_repo))
+
+
+def to_release_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub names -> the dome272 release names: q, k, v fused into nn.MultiheadAttention's in_proj, the
+    codebook under its original name. The inverse of what tools/original_format.py undoes."""
+    out = {}
+    for name, tensor in state.items():
+        stem, _, leaf = name.partition("attention.")
+        if leaf.startswith("to_q."):
+            kind = leaf.split(".")[-1]
+            parts = [state[f"{stem}attention.to_{p}.{kind}"] for p in "qkv"]
+            out[f"{stem}attention.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif leaf.startswith("to_out.0."):
+            out[f"{stem}attention.attn.out_proj.{leaf.split('.')[-1]}"] = tensor
+        elif not leaf.startswith(("to_k.", "to_v.")):
+            out[name.replace("vquantizer.embedding.", "vquantizer.codebook.")] = tensor
+    return out
+
+
+def test_original_release_files_give_identical_images(tmp_path, converted, tiny_prior_repo, tiny_decoder_repo):
+    files = {}
+    for flag, folder, repo, key in [("--stage-c", "prior", tiny_prior_repo, "ema_state_dict"),
+                                    ("--stage-b", "decoder", tiny_decoder_repo, "state_dict"),
+                                    ("--stage-a", "vqgan", tiny_decoder_repo, "state_dict")]:  # fmt: skip
+        release = to_release_layout(load_file(repo / folder / "diffusion_pytorch_model.safetensors"))
+        assert any("in_proj" in k or "codebook" in k for k in release)
+        files[flag] = tmp_path / f"{folder}.pt"
+        torch.save({key: release, "iter": 1}, files[flag])
+    out = tmp_path / "from-release"
+    argv = ["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), "--out", str(out)]
+    assert convert_weights.main(argv + [x for flag, path in files.items() for x in (flag, str(path))]) == 0
+    assert torch.equal(images(out / "prior", out / "decoder"), images(converted / "prior", converted / "decoder"))
+
+
+def test_converted_layout_is_one_file_per_model(converted):
+    common = ["text_encoder.safetensors", "tokenizer", "wurst.json"]
+    assert sorted(p.name for p in (converted / "prior").iterdir()) == ["stage_c.safetensors", *common]
+    assert sorted(p.name for p in (converted / "decoder").iterdir()) == [
+        "stage_a.safetensors", "stage_b.safetensors", *common]  # fmt: skip
+    index = json.loads((converted / "decoder" / "wurst.json").read_text())
+    assert index["kind"] == "decoder" and index["models"]["stage_b"]["c_hidden"] == [16, 32, 32, 32]
+    with safe_open(converted / "prior" / "stage_c.safetensors", "pt") as f:
+        assert "blocks.2.q_proj.weight" in f.keys()  # wurst's own module names
+
+
+def test_cast_to_bfloat16(tmp_path, tiny_prior_repo, tiny_decoder_repo, converted):
+    assert convert_weights.main(["--prior", str(converted / "prior"), "--decoder", str(tiny_decoder_repo),
+                                 "--out", str(tmp_path), "--dtype", "bfloat16"]) == 0  # fmt: skip
+    with safe_open(tmp_path / "decoder" / "stage_b.safetensors", "pt") as f:
+        assert f.get_tensor("head.weight").dtype == torch.bfloat16
+    prior = Prior.from_pretrained(tmp_path / "prior", device="cpu", dtype=torch.bfloat16)
+    assert prior.model.head.weight.dtype == torch.bfloat16
+
+
+def test_interpolate_two_stage_c_checkpoints(tmp_path, tiny_prior_repo, tiny_decoder_repo):
+    other = tmp_path / "other"
+    model = WuerstchenPrior(**hub_fixtures.component_config("prior", "prior", "tiny")).eval()
+    hub_fixtures.randomize_(model, 99, hub_fixtures.HEAD_GAIN)
+    model.save_pretrained(other)
+    a = Prior.from_pretrained(tiny_prior_repo).model.state_dict()
+    b = convert_weights.load_stage(str(other), "prior", Prior.from_pretrained(tiny_prior_repo).model).state_dict()
+    for alpha in (0.0, 0.25):
+        out = tmp_path / f"blend-{alpha}"
+        assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
+                                     "--out", str(out), "--interpolate", str(tiny_prior_repo / "prior"), str(other),
+                                     "--alpha", str(alpha)]) == 0  # fmt: skip
+        blended = Prior.from_pretrained(out / "prior").model.state_dict()
+        for name in ("head.weight", "blocks.0.grn.gamma", "blocks.2.q_proj.bias"):
+            torch.testing.assert_close(blended[name], (1 - alpha) * a[name] + alpha * b[name], rtol=0, atol=1e-7)
+        assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
+def test_existing_output_is_refused(tmp_path, tiny_prior_repo, tiny_decoder_repo, capsys):
+    (tmp_path / "prior").mkdir()
+    code = convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
+                                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_converted_kinds_are_not_mixed_up(converted):
+    with pytest.raises(ModelNotFoundError, match="holds a converted decoder, not the prior"):
+        Prior.from_pretrained(converted / "decoder")
