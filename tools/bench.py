@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.hub_fixtures and tests.reference
 PROMPT = "Anthropomorphic cat dressed as a fire fighter"
 
 
@@ -31,7 +32,7 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def decoder_worker(impl: str, size: int, steps: int) -> dict:
+def decoder_worker(impl: str, size: int, steps: int, prior_steps: int) -> dict:
     """One Stages B + A run: text encoding and the Stage B chain ("stage_b"), then the VQGAN ("stage_a")."""
     import torch
 
@@ -77,14 +78,62 @@ def decoder_worker(impl: str, size: int, steps: int) -> dict:
     return {**times, "peak_rss_gib": peak_rss_gib(), "shape": list(images.shape)}
 
 
-WORKERS = {"decoder": decoder_worker}
+def pipeline_worker(impl: str, size: int, steps: int, prior_steps: int = 3) -> dict:
+    """The whole text-to-image run of issue 6: Stage C with guidance 4 ("prior", text encoding included), Stage B
+    without guidance ("decoder", its text encoding included) and the VQGAN ("stage_a")."""
+    import torch
+
+    from tests import hub_fixtures
+
+    prior_repo, decoder_repo = hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
+    generator = torch.Generator().manual_seed(0)
+    times = {}
+    start = time.perf_counter()
+    if impl == "wurst":
+        import wurst
+
+        pipe = wurst.Pipeline.from_pretrained(prior_repo, decoder_repo, device="cpu", dtype=torch.float32)
+        prior = lambda: pipe.prior(PROMPT, size, size, num_inference_steps=prior_steps, guidance_scale=4.0,  # noqa: E731
+                                   generator=generator)  # fmt: skip
+        decoder = lambda emb: pipe.decoder(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
+                                           output_type="latent")  # fmt: skip
+        stage_a = pipe.decoder.decode
+    else:
+        from tests import reference
+
+        pipe = reference.combined_pipeline(prior_repo, decoder_repo)
+        prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, num_inference_steps=prior_steps,  # noqa: E731
+                                        guidance_scale=4.0, generator=generator, output_type="pt").image_embeddings
+        decoder = lambda emb: pipe.decoder_pipe(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
+                                                output_type="latent").images  # fmt: skip
+
+        def stage_a(latents):
+            with torch.no_grad():
+                return pipe.vqgan.decode(latents * pipe.vqgan.config.scale_factor).sample.clamp(0, 1)
+
+    times["load"] = time.perf_counter() - start
+
+    def timed(name, run, *args):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = run(*args)
+        times[name] = time.perf_counter() - start
+        return out
+
+    images = timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
+    return {**times, "peak_rss_gib": peak_rss_gib(), "shape": list(images.shape),
+            "checksum": float(images.double().sum())}  # fmt: skip
+
+
+WORKERS = {"decoder": decoder_worker, "pipeline": pipeline_worker}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", choices=sorted(WORKERS))
     parser.add_argument("--size", type=int, default=512, help="image height and width (default 512)")
-    parser.add_argument("--steps", type=int, default=12, help="Stage B steps (default 12)")
+    parser.add_argument("--steps", type=int, default=3, help="Stage B steps (default 3)")
+    parser.add_argument("--prior-steps", type=int, default=3, help="Stage C steps, pipeline run (default 3)")
     parser.add_argument("--repeats", type=int, default=2, help="processes per implementation (default 2)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--worker", choices=("wurst", "diffusers"), help=argparse.SUPPRESS)
@@ -94,24 +143,25 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(WORKERS[args.run](args.worker, args.size, args.steps)))
+        print(json.dumps(WORKERS[args.run](args.worker, args.size, args.steps, args.prior_steps)))
         return
 
     from tests import hub_fixtures
 
-    hub_fixtures.ensure("published", "decoder")  # build outside the timed processes
+    hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")  # outside the timing
     results: dict[str, list[dict]] = {"wurst": [], "diffusers": []}
     for repeat in range(args.repeats):
         for impl in results:
             cmd = [sys.executable, __file__, args.run, "--worker", impl, "--size", str(args.size),
-                   "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
+                   "--steps", str(args.steps), "--prior-steps", str(args.prior_steps),
+                   "--threads", str(args.threads)]  # fmt: skip
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{impl} worker failed:\n{out.stderr[-3000:]}")
             results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"run {repeat + 1} {impl}: {results[impl][-1]}", file=sys.stderr)
 
-    columns = [k for k in results["wurst"][0] if k != "shape"]
+    columns = [k for k in results["wurst"][0] if k not in ("shape", "checksum")]
     print(f"\n{args.run}, {args.size}x{args.size}, {args.steps} steps, {args.threads} threads, "
           f"median of {args.repeats} processes each\n")  # fmt: skip
     print("| | " + " | ".join(columns) + " | total (load + stages) |")

@@ -11,7 +11,8 @@ from torch import nn
 
 
 def channel_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of an NCHW tensor, without affine parameters (eps 1e-6)."""
+    """LayerNorm over the channels of an NCHW tensor, without affine parameters (eps 1e-6). The models keep
+    activations in channels_last memory, where both permutes are free views."""
     return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6).permute(0, 3, 1, 2)
 
 
@@ -28,21 +29,26 @@ class GlobalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial_norm = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
         relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * relative) + self.beta + x
+        # gamma * (x * relative) + beta + x, as one pass over x: the per-channel factor is only (B, 1, 1, C).
+        return torch.addcmul(self.beta, x, 1 + self.gamma * relative)
 
 
 class ResBlock(nn.Module):
-    """Stage C's ConvNeXt block: depthwise conv, channel norm, then a channels-last MLP with GRN."""
+    """ConvNeXt block: depthwise conv, channel norm, then a channels-last MLP with GRN. Stage B's variant
+    concatenates `skip` (U-Net skip and/or injected Stage C features) after the norm, so only the MLP's input
+    widens (by c_skip channels)."""
 
-    def __init__(self, c: int, kernel_size: int = 3):
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
-        self.mlp_in = nn.Linear(c, 4 * c)
+        self.mlp_in = nn.Linear(c + c_skip, 4 * c)
         self.grn = GlobalResponseNorm(4 * c)
         self.mlp_out = nn.Linear(4 * c, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = channel_norm(self.depthwise(x)).permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6)  # (B, H, W, C)
+        if skip is not None:
+            h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
         h = self.mlp_out(self.grn(F.gelu(self.mlp_in(h))))
         return x + h.permute(0, 3, 1, 2)
 
@@ -56,12 +62,18 @@ class TimestepBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
         a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
-        return x * (1 + a) + b
+        return torch.addcmul(b, x, 1 + a)
+
+
+TextKV = tuple[torch.Tensor, torch.Tensor]  # one attention block's keys and values of the text tokens
 
 
 class AttnBlock(nn.Module):
     """Attention whose keys and values are the normalised image tokens followed by the text tokens, so one
-    block does both self- and cross-attention. No mask: every text token, padding included, is a key."""
+    block does both self- and cross-attention. No mask: every text token, padding included, is a key.
+
+    The text half of the keys and values does not change between denoising steps, so `text_kv` computes it
+    once per generation and `forward` takes the result."""
 
     def __init__(self, c: int, c_cond: int, heads: int):
         super().__init__()
@@ -72,16 +84,19 @@ class AttnBlock(nn.Module):
         self.v_proj = nn.Linear(c, c)
         self.out_proj = nn.Linear(c, c)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, N, C) -> (B, heads, N, C / heads)
+
+    def text_kv(self, cond: torch.Tensor) -> TextKV:
+        context = self.cond_proj(F.silu(cond))
+        return self.split_heads(self.k_proj(context)), self.split_heads(self.v_proj(context))
+
+    def forward(self, x: torch.Tensor, text_kv: TextKV) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = channel_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        context = torch.cat([tokens, self.cond_proj(F.silu(cond))], dim=1)  # (B, HW + L, C)
-
-        def split_heads(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        q = split_heads(self.q_proj(tokens))
-        k, v = split_heads(self.k_proj(context)), split_heads(self.v_proj(context))
+        tokens = channel_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); contiguous for channels_last x
+        q = self.split_heads(self.q_proj(tokens))
+        k = torch.cat([self.split_heads(self.k_proj(tokens)), text_kv[0]], dim=2)
+        v = torch.cat([self.split_heads(self.v_proj(tokens)), text_kv[1]], dim=2)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         return x + self.out_proj(out).transpose(1, 2).reshape(b, c, h, w)
 

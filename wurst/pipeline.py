@@ -295,8 +295,10 @@ class Prior:
         states = encode_text(self.tokenizer, self.text_encoder, prompts + negatives).to(self.dtype)
         text = states.repeat_interleave(n, dim=0)  # [cond rows; uncond rows] when guided
 
+        text_kv = self.model.condition(text)  # once: it is the same at every step
+
         def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            return self.model(x, r, text)
+            return self.model(x, r, text_kv)
 
         denoise = sampler.guided(model, guidance) if use_cfg else model
         shape = (len(prompts) * n, self.model.config.c_in, h, w)
@@ -405,12 +407,14 @@ class Decoder:
         if use_cfg:
             effnet = torch.cat([effnet, torch.zeros_like(effnet)])
 
-        def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            return self.model(x, r, effnet, text)
-
-        denoise = sampler.guided(model, guidance) if use_cfg else model
         shape = (effnet.shape[0] // (2 if use_cfg else 1), self.model.config.c_in,
                  *self.latent_size(*embeddings.shape[-2:]))  # fmt: skip
+        cond = self.model.condition(effnet, text, shape[-2:])  # once: it is the same at every step
+
+        def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return self.model(x, r, cond)
+
+        denoise = sampler.guided(model, guidance) if use_cfg else model
         latents = initial_latents(shape, latents, generator, self.dtype, self.device)
         out = run_sampler("decoder", denoise, latents, steps, generator, self.scheduler, callback_on_step_end)
         if output_type == "latent":

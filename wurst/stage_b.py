@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock, GlobalResponseNorm, TimestepBlock, channel_norm, r_embedding
+from .blocks import AttnBlock, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
 from .errors import ConfigError
 from .loader import KeyMap, load_module, read_config, read_weights, weight_files
 
@@ -50,26 +50,6 @@ class StageBConfig:
                 raise ConfigError(f"level_config entry {letters!r} must use the letters C, T, A")
 
 
-class ResBlockStageB(nn.Module):
-    """Stage B's ConvNeXt block. Unlike Stage C's, a skip input is concatenated after the depthwise conv and
-    norm, so only the MLP's input widens (by c_skip channels)."""
-
-    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3):
-        super().__init__()
-        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
-        self.mlp_in = nn.Linear(c + c_skip, 4 * c)
-        self.grn = GlobalResponseNorm(4 * c)
-        self.mlp_out = nn.Linear(4 * c, c)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        h = channel_norm(self.depthwise(x))
-        if skip is not None:
-            h = torch.cat([h, skip], dim=1)
-        h = h.permute(0, 2, 3, 1)
-        h = self.mlp_out(self.grn(F.gelu(self.mlp_in(h))))
-        return x + h.permute(0, 3, 1, 2)
-
-
 class Resample(nn.Module):
     """Channel norm, then a stride-2 conv (down) or transposed conv (up) that also changes the width."""
 
@@ -98,7 +78,7 @@ class StageB(nn.Module):
 
         def block(letter: str, i: int, c_skip: int) -> nn.Module:
             if letter == "C":
-                return ResBlockStageB(c[i], c_skip, cfg.kernel_size)
+                return ResBlock(c[i], c_skip, cfg.kernel_size)
             if letter == "T":
                 return TimestepBlock(c[i], cfg.c_r)
             return AttnBlock(c[i], cfg.c_cond, cfg.nhead[i])
@@ -124,56 +104,75 @@ class StageB(nn.Module):
             self.up_levels.append(level)
         self.head = nn.Conv2d(c[0], 2 * cfg.c_out * cfg.patch_size**2, kernel_size=1)  # then a pixel shuffle
 
-    def effnet_features(self, index: int, effnet: torch.Tensor, size: torch.Size) -> torch.Tensor | None:
-        """The Stage C embedding resized to `size` (bicubic, antialiased, corners aligned, always in fp32) and
-        projected to c_cond channels, or None if this level takes no injection."""
-        proj = self.effnet_proj[index]
-        if proj is None:
-            return None
-        resized = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True, align_corners=True)
-        return proj(resized.to(effnet.dtype))
+    def level_sizes(self, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The spatial size of each level for a latent of `latent_size`."""
+        cfg = self.config
+        factor = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)  # the U-Net's skips need exact halvings
+        if latent_size[0] % factor or latent_size[1] % factor:
+            raise ValueError(f"Stage B latent sides must be multiples of {factor}, got {tuple(latent_size)}")
+        side = (latent_size[0] // cfg.patch_size, latent_size[1] // cfg.patch_size)
+        return [(side[0] >> i, side[1] >> i) for i in range(len(cfg.c_hidden))]
+
+    def condition(
+        self, effnet: torch.Tensor, text: torch.Tensor | None, latent_size: tuple[int, int]
+    ) -> StageBConditioning:
+        """Everything the denoising steps share: the Stage C embedding resized (bicubic, antialiased, corners
+        aligned, always in fp32) and projected for every injecting level, and the text keys and values of every
+        attention block. effnet: (B, effnet_embd, h, w); text: (B, L, clip_embd) CLIP-H states."""
+        cfg = self.config
+        sizes = self.level_sizes(latent_size)
+        sizes += list(reversed(sizes))  # the up path, deepest level first
+        injected = []
+        for proj, size in zip(self.effnet_proj, sizes, strict=True):
+            if proj is None:
+                injected.append(None)
+                continue
+            resized = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True, align_corners=True)
+            injected.append(proj(resized.to(effnet.dtype)).contiguous(memory_format=torch.channels_last))
+        attention = [m for m in self.modules() if isinstance(m, AttnBlock)]  # in forward order
+        if attention and text is None:
+            raise ValueError("this decoder has attention blocks, so it needs text states")
+        if attention:
+            text = F.layer_norm(self.text_proj(text), (cfg.c_cond,), eps=1e-6)
+        return StageBConditioning(injected, [block.text_kv(text) for block in attention])
 
     def forward(
-        self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, text: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        r: torch.Tensor,
+        effnet: torch.Tensor | StageBConditioning,
+        text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, c_in, H, W) noisy latent; r: (B,) noise level; effnet: (B, effnet_embd, h, w) Stage C
-        embedding; text: (B, L, clip_embd) CLIP-H states (needed when any level has attention). Returns the
-        predicted noise, shaped like x."""
+        """x: (B, c_in, H, W) noisy latent; r: (B,) noise level. Either `effnet` (B, effnet_embd, h, w), the
+        Stage C embedding, and `text` (B, L, clip_embd), CLIP-H states, or `effnet` = condition(effnet, text,
+        (H, W)) computed once for all steps. Returns the predicted noise, shaped like x."""
         cfg = self.config
+        cond = effnet if isinstance(effnet, StageBConditioning) else self.condition(effnet, text, x.shape[-2:])
         r_embed = r_embedding(r, cfg.c_r)
-        if text is not None:
-            text = F.layer_norm(self.text_proj(text), (cfg.c_cond,), eps=1e-6)
-        elif any("A" in letters for letters in cfg.level_config):
-            raise ValueError("this decoder has attention blocks, so it needs text states")
+        text_kv = iter(cond.text_kv)
 
         def run(block: nn.Module, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-            if isinstance(block, ResBlockStageB):
+            if isinstance(block, ResBlock):
                 return block(h, skip)
             if isinstance(block, TimestepBlock):
                 return block(h, r_embed)
             if isinstance(block, AttnBlock):
-                return block(h, text)
+                return block(h, next(text_kv))
             return block(h)  # a Resample
 
-        factor = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)  # the U-Net's skips need exact halvings
-        if x.shape[-2] % factor or x.shape[-1] % factor:
-            raise ValueError(f"Stage B latent sides must be multiples of {factor}, got {tuple(x.shape[-2:])}")
-        h = channel_norm(self.stem(F.pixel_unshuffle(x, cfg.patch_size)))
+        self.level_sizes(x.shape[-2:])  # checks the size
+        h = self.stem(F.pixel_unshuffle(x, cfg.patch_size)).contiguous(memory_format=torch.channels_last)
+        h = channel_norm(h)
         level_outputs = []
         for i, level in enumerate(self.down_levels):
-            injected = None  # computed at the level's resolution, i.e. after its downsampler
             for block in level:
-                if injected is None and isinstance(block, ResBlockStageB):
-                    injected = self.effnet_features(i, effnet, h.shape[-2:])
-                h = run(block, h, injected)
+                h = run(block, h, cond.injected[i])
             level_outputs.append(h)
 
         levels = len(self.down_levels)
         for j, level in enumerate(self.up_levels):
-            injected = None
+            injected = cond.injected[levels + j]
             for k, block in enumerate(level):
-                if injected is None and isinstance(block, ResBlockStageB):
-                    injected = self.effnet_features(levels + j, effnet, h.shape[-2:])
                 # Skip order is [U-Net skip, injected embedding]; the U-Net skip goes to the first block only.
                 parts = [level_outputs[levels - 1 - j]] if k == 0 and j > 0 else []
                 parts += [injected] if injected is not None else []
@@ -181,6 +180,14 @@ class StageB(nn.Module):
 
         a, b = F.pixel_shuffle(self.head(channel_norm(h)), cfg.patch_size).chunk(2, dim=1)
         return (x - a) / (b.sigmoid() * (1 - 2e-3) + 1e-3)
+
+
+@dataclass
+class StageBConditioning:
+    """What every denoising step of one generation shares (see StageB.condition)."""
+
+    injected: list[torch.Tensor | None]  # the projected Stage C embedding per level: down path, then up path
+    text_kv: list[TextKV]  # per attention block, in forward order
 
 
 def _level_keys(ours: str, theirs: str) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock, ResBlock, TimestepBlock, channel_norm, r_embedding
+from .blocks import AttnBlock, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
 from .loader import KeyMap, load_module, read_config, read_weights, weight_files
 
 
@@ -41,19 +41,25 @@ class StageC(nn.Module):
             self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead))  # the text is mapped to width c first
         self.head = nn.Conv2d(cfg.c, 2 * cfg.c_in, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """x: (B, c_in, H, W) noisy latent; r: (B,) noise level in [0, 1]; text: (B, L, c_cond) CLIP-bigG
-        states. Returns the predicted noise, shaped like x."""
+    def condition(self, text: torch.Tensor) -> list[TextKV]:
+        """The text keys and values of every attention block, shared by all denoising steps.
+        text: (B, L, c_cond) CLIP-bigG states."""
         cond = self.cond_out(F.leaky_relu(self.cond_in(text), 0.2))
+        return [block.text_kv(cond) for block in self.blocks if isinstance(block, AttnBlock)]
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, text: torch.Tensor | list[TextKV]) -> torch.Tensor:
+        """x: (B, c_in, H, W) noisy latent; r: (B,) noise level in [0, 1]; text: (B, L, c_cond) CLIP-bigG
+        states, or condition(text) computed once for all steps. Returns the predicted noise, shaped like x."""
+        text_kv = iter(self.condition(text) if isinstance(text, torch.Tensor) else text)
         r_embed = r_embedding(r, self.config.c_r)
-        h = self.projection(x)
+        h = self.projection(x).contiguous(memory_format=torch.channels_last)
         for block in self.blocks:
             if isinstance(block, ResBlock):
                 h = block(h)
             elif isinstance(block, TimestepBlock):
                 h = block(h, r_embed)
             else:
-                h = block(h, cond)
+                h = block(h, next(text_kv))
         a, b = self.head(channel_norm(h)).chunk(2, dim=1)
         return (x - a) / ((1 - b).abs() + 1e-5)
 
