@@ -36,19 +36,26 @@ def test_read_safetensors_matches_the_reference_reader(encoder_dir):
         assert ours[name].dtype == ref[name].dtype and torch.equal(ours[name], ref[name]), name
 
 
-def test_every_tensor_is_64_byte_aligned_and_aligned_ones_are_not_copied(tmp_path):
+def test_no_tensor_is_copied_whatever_its_alignment(tmp_path):
     # Sizes chosen so that most tensors start off a 64-byte boundary in a file written by safetensors itself.
     state = {f"t{i}": torch.randn(n) for i, n in enumerate([3, 16, 5, 64, 7, 1000, 1, 33])}
     save_file(state, tmp_path / "odd.safetensors")
     ours = read_safetensors(tmp_path / "odd.safetensors")
-    assert all(t.data_ptr() % 64 == 0 and torch.equal(t, state[n]) for n, t in ours.items())
-    # A file whose tensors all start on a boundary is viewed in place: every tensor shares one mapping.
+    assert all(torch.equal(t, state[n]) for n, t in ours.items())
+    assert any(t.data_ptr() % 64 for t in ours.values())  # so the next line covers misaligned tensors
+    # Views of one mapping of the file: each tensor sits at its header offset from the others.
+    raw = (tmp_path / "odd.safetensors").read_bytes()
+    offsets = {n: v["data_offsets"][0] for n, v in json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")]).items()}
+    base = ours["t0"].data_ptr() - offsets["t0"]
+    assert all(t.data_ptr() - base == offsets[n] for n, t in ours.items())
+    # tools/convert_weights.py puts tensors of suitable sizes on 64-byte boundaries, in a valid safetensors file.
     tools_convert = pytest.importorskip("tools.convert_weights")
     tools_convert.save_aligned(state, tmp_path / "aligned.safetensors")
-    assert load_file(tmp_path / "aligned.safetensors").keys() == state.keys()  # still a valid safetensors file
+    assert load_file(tmp_path / "aligned.safetensors").keys() == state.keys()
     mapped = read_safetensors(tmp_path / "aligned.safetensors")
     assert mapped["t3"].data_ptr() == mapped["t1"].data_ptr() + 64  # written first, back to back in the mapping
-    assert all(t.data_ptr() % 64 == 0 and torch.equal(t, state[n]) for n, t in mapped.items())
+    assert all(torch.equal(t, state[n]) for n, t in mapped.items())
+    assert all(t.data_ptr() % 64 == 0 for t in mapped.values() if t.nbytes % 64 == 0)
 
 
 def test_loaded_parameters_are_the_mapped_file_not_copies(encoder_dir):

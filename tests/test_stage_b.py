@@ -219,7 +219,7 @@ def test_tiny_output_types(tiny_pair):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(num_inference_steps=0), "num_steps must be a positive integer"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
         (dict(timesteps=[0.0, 1.0]), "timesteps must be strictly descending"),
         (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
         (dict(num_images_per_prompt=-1), "num_images_per_prompt must be a positive integer"),

@@ -127,7 +127,7 @@ def test_tiny_prompt_list_equals_separate_runs(tiny_pair, tiny_prior_repo):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(num_inference_steps=0), "num_steps must be a positive integer"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
         (dict(timesteps=[1.0, 0.2, 0.5, 0.0]), "timesteps must be strictly descending"),
         (dict(timesteps=[2.0, 0.0]), r"timesteps must lie within \[0, 1\]"),
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),

@@ -86,7 +86,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 
 def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a standard .safetensors file whose tensors start on 64-byte boundaries wherever their sizes
-    allow, so that wurst's loader maps them in place instead of copying them (see loader.ALIGNMENT).
+    allow (see loader.ALIGNMENT), so vector loads of the weights never straddle a cache line.
 
     safetensors forbids gaps between tensors, so the header is padded with spaces (which the format allows)
     and the tensors whose byte size is a multiple of 64 go first; the few odd-sized ones follow."""
@@ -172,28 +172,30 @@ def convert(args: argparse.Namespace) -> None:
         raise ValueError(f"--alpha must lie within [0, 1], got {args.alpha}")
     dtype = DTYPES[args.dtype] if args.dtype else None
 
+    # Read and check every input before writing anything, so that a bad file leaves no half conversion.
+    # Weights stay memory-mapped until written, so holding both repositories costs little memory.
     prior = wurst.Prior.from_pretrained(args.prior, device="cpu", dtype=torch.float32)
     if args.stage_c:
         prior.model = load_stage(args.stage_c, "prior", prior.model)
     elif args.interpolate:
         prior.model = interpolated_stage_c(*args.interpolate, args.alpha, prior.model)
+    decoder = wurst.Decoder.from_pretrained(args.decoder, device="cpu", dtype=torch.float32)
+    if args.stage_b:
+        decoder.model = load_stage(args.stage_b, "decoder", decoder.model)
+    if args.stage_a:
+        decoder.vqgan = load_stage(args.stage_a, "vqgan", decoder.vqgan)
+
     written = write_repo(out, "prior", {"stage_c": prior.model, "text_encoder": prior.text_encoder}, prior.config,
                          prior.scheduler, resolve(args.prior) / "tokenizer", dtype)  # fmt: skip
     verify(out / "prior", "prior", written)
     print(out / "prior")
     del prior, written
 
-    decoder = wurst.Decoder.from_pretrained(args.decoder, device="cpu", dtype=torch.float32)
-    if args.stage_b:
-        decoder.model = load_stage(args.stage_b, "decoder", decoder.model)
-    if args.stage_a:
-        decoder.vqgan = load_stage(args.stage_a, "vqgan", decoder.vqgan)
     models = {"stage_b": decoder.model, "stage_a": decoder.vqgan, "text_encoder": decoder.text_encoder}
     written = write_repo(out, "decoder", models, decoder.config, decoder.scheduler,
                          resolve(args.decoder) / "tokenizer", dtype)  # fmt: skip
     verify(out / "decoder", "decoder", written)
     print(out / "decoder")
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

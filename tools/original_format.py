@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,18 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says why (a refused GLOBAL, an unsupported opcode),
+    rather than its boilerplate about the weights_only default."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "GLOBAL" in line:
+            return line
+        if line.endswith("WeightsUnpickler error:") and index + 1 < len(lines):
+            return lines[index + 1]
+    return _first_line(error)
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -95,10 +108,12 @@ def read_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelNotFoundError(f"missing checkpoint file: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses or loads
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # Raised both for garbage and for pickles that name functions or classes, which could run code.
-        detail = next((line for line in str(e).splitlines() if "WeightsUnpickler error" in line), _first_line(e))
+        detail = _unpickler_reason(e)
         raise CheckpointError(f"{path} is corrupt or holds more than tensors, which weights-only loading refuses "
                               f"({detail.strip()})") from e
     except Exception as e:  # torch.load reports damaged files with many types: RuntimeError, EOFError, KeyError...

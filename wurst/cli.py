@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
+    p.add_argument("--low-memory", action="store_true",
+                   help="load each model only while it runs: under 8 GB at 1024x1024 on CPU, but slower")  # fmt: skip
     p.add_argument("--output", default=None, help="PNG path (default: built from the prompt and seed, here)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files instead of refusing")
     return p
@@ -98,6 +100,9 @@ def write_png_atomically(image, path: Path, metadata: dict[str, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as e:
+        Path(temporary).unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -146,15 +151,18 @@ def run(argv: list[str]) -> list[Path]:
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else wp.default_dtype(device)
 
-    pipe = wurst.Pipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype)
+    pipe = wurst.Pipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype,
+                                          low_memory=args.low_memory)  # fmt: skip
     prior_steps = args.prior_steps or len(sampler.DEFAULT_STAGE_C_TIMESTEPS) - 1
-    images = pipe(
-        args.prompt, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.num_images, prior_num_inference_steps=args.prior_steps,
-        prior_guidance_scale=args.prior_guidance, num_inference_steps=args.decoder_steps,
-        decoder_guidance_scale=args.decoder_guidance, generator=torch.Generator("cpu").manual_seed(seed),
-        callback_on_step_end=Progress({"prior": prior_steps, "decoder": args.decoder_steps}),
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wp.LargeSizeWarning)  # already said above, under the option's name
+        images = pipe(
+            args.prompt, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+            num_images_per_prompt=args.num_images, prior_num_inference_steps=args.prior_steps,
+            prior_guidance_scale=args.prior_guidance, num_inference_steps=args.decoder_steps,
+            decoder_guidance_scale=args.decoder_guidance, generator=torch.Generator("cpu").manual_seed(seed),
+            callback_on_step_end=Progress({"prior": prior_steps, "decoder": args.decoder_steps}),
+        )  # fmt: skip
 
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print("wurst: interrupted; no image was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UsageError, WurstError, ValueError, OSError) as e:
+        if isinstance(e, OSError) and e.strerror:  # without the "[Errno N]" prefix
+            e = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
         print(f"wurst: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     return 0

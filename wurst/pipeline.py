@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -74,29 +75,91 @@ MODELS = {"stage_c": (StageCConfig, StageC), "stage_b": (StageBConfig, StageB), 
           "text_encoder": (CLIPTextConfig, CLIPTextEncoder)}  # fmt: skip
 
 
-def load_converted(folder: Path, kind: str, dtype: torch.dtype, device: torch.device) -> dict:
-    """The models, configs and tokenizer of a converted prior or decoder folder, by name."""
+# Where each model of a hub repository lives: folder, config class, loader.
+HUB_MODELS = {
+    "prior": {"stage_c": ("prior", StageCConfig, load_stage_c),
+              "text_encoder": ("text_encoder", CLIPTextConfig, load_clip_text_encoder)},
+    "decoder": {"stage_b": ("decoder", StageBConfig, load_stage_b), "stage_a": ("vqgan", StageAConfig, load_stage_a),
+                "text_encoder": ("text_encoder", CLIPTextConfig, load_clip_text_encoder)},
+}  # fmt: skip
+PIPELINE_CLASSES = {"prior": "WuerstchenPriorPipeline", "decoder": "WuerstchenDecoderPipeline"}
+
+
+class OnDemand:
+    """Low-memory mode: a model that is loaded from its checkpoint each time it is used and released right
+    after, so that only the model at work is resident. Its config is at hand without loading it."""
+
+    def __init__(self, config, load: Callable[[], torch.nn.Module], device: torch.device, dtype: torch.dtype):
+        self.config, self.load, self.device, self.dtype = config, load, device, dtype
+
+
+@contextlib.contextmanager
+def resident(model):
+    """The model itself, or, for an OnDemand one, a freshly loaded copy that is released on leaving."""
+    if not isinstance(model, OnDemand):
+        yield model
+        return
+    loaded = model.load()
+    try:
+        yield loaded
+    finally:
+        loaded.to("meta")  # frees the weights now, whatever still refers to the module
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_parts(folder: Path, kind: str, dtype: torch.dtype, device: torch.device, low_memory: bool) -> dict:
+    """The models, configs, tokenizer and scheduler of a prior or decoder repository, by name, from the hub
+    layout or wurst's converted one. With low_memory, models are OnDemand instead of loaded."""
+    if (folder / CONVERTED_INDEX).is_file():
+        parts, models = converted_parts(folder, kind, dtype, device)
+    else:
+        folders = [sub for sub, _, _ in HUB_MODELS[kind].values()]
+        check_repo(folder, PIPELINE_CLASSES[kind], kind, [*folders, "tokenizer"])
+        parts = {
+            "pipeline": read_json(folder / "model_index.json"),
+            "scheduler": read_scheduler(folder),
+            "tokenizer": CLIPTokenizer.from_dir(folder / "tokenizer"),
+            "source": str(folder / "model_index.json"),
+        }
+        models = {}
+        for name, (sub, config_cls, load) in HUB_MODELS[kind].items():
+            config = read_config(config_cls, folder / sub / "config.json")
+            models[name] = (config, functools.partial(load, folder / sub, dtype, device))
+    for name, (config, load) in models.items():
+        parts[name] = OnDemand(config, load, device, dtype) if low_memory else load()
+    return parts
+
+
+def converted_parts(folder: Path, kind: str, dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
+    """load_parts for a folder written by tools/convert_weights.py."""
     index_path = folder / CONVERTED_INDEX
     index = read_json(index_path)
     if index.get("kind") != kind:
         raise ModelNotFoundError(f"{folder} holds a converted {index.get('kind')}, not the {kind}")
     try:
         parts = {
-            "pipeline": index["pipeline"], "scheduler": config_from_dict(SchedulerConfig, index["scheduler"],
-                                                                        str(index_path)),
+            "pipeline": index["pipeline"],
+            "scheduler": config_from_dict(SchedulerConfig, index["scheduler"], str(index_path)),
             "tokenizer": CLIPTokenizer.from_dir(folder / "tokenizer"),
-        }  # fmt: skip
+            "source": str(index_path),
+        }
+        models = {}
         for name, config in index["models"].items():
             if name not in MODELS:
                 raise ConfigError(f"{index_path} names an unknown model {name!r}")
             config_cls, model_cls = MODELS[name]
             cfg = config_from_dict(config_cls, config, f"{index_path} (models.{name})")
             path = folder / f"{name}.safetensors"
-            build = functools.partial(model_cls, cfg)
-            parts[name] = load_module(build, read_safetensors(path), SAME_NAMES, str(path), dtype, device)
+            models[name] = (cfg, functools.partial(load_converted_model, model_cls, cfg, path, dtype, device))
     except KeyError as e:
         raise ConfigError(f"{index_path} lacks the field {e}") from e
-    return parts
+    return parts, models
+
+
+def load_converted_model(model_cls, cfg, path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    return load_module(functools.partial(model_cls, cfg), read_safetensors(path), SAME_NAMES, str(path), dtype,
+                       device)  # fmt: skip
 
 
 def check_repo(folder: Path, expected_class: str, role: str, components: Sequence[str]) -> None:
@@ -105,6 +168,8 @@ def check_repo(folder: Path, expected_class: str, role: str, components: Sequenc
     if not index_path.is_file():
         raise ModelNotFoundError(f"{folder} is not a Würstchen {role} repository in hub layout: no model_index.json")
     found = read_json(index_path).get("_class_name")
+    if found is None:
+        raise ModelNotFoundError(f"{index_path} lacks the field '_class_name' (expected {expected_class})")
     if found != expected_class:
         other = {"WuerstchenPriorPipeline": "prior", "WuerstchenDecoderPipeline": "decoder"}.get(found)
         hint = f" It is the {other} repository: pass it as the {other}." if other else ""
@@ -134,17 +199,22 @@ def negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) ->
     return negatives
 
 
-def check_size(name: str, value: int) -> int:
-    """Image sides are positive multiples of 128; past 2048 the model degrades, so warn there."""
+class LargeSizeWarning(UserWarning):
+    """An image side over 2048: allowed, but beyond what Würstchen was used at."""
+
+
+def check_size(name: str, value: int, warn: bool = True) -> int:
+    """Image sides are positive multiples of 128; past 2048 the model degrades, so warn there (once per
+    call: only the place that uses the size warns)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
     if value % SIZE_MULTIPLE:
         below = value // SIZE_MULTIPLE * SIZE_MULTIPLE
         nearest = f"{below} or {below + SIZE_MULTIPLE}" if below else str(SIZE_MULTIPLE)
         raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}: use {nearest}")
-    if value > LARGEST_TRAINED:
+    if value > LARGEST_TRAINED and warn:
         warnings.warn(f"{name} {value} is over {LARGEST_TRAINED}, beyond what Würstchen was used at; expect "
-                      "repeated or broken structure", stacklevel=3)  # fmt: skip
+                      "repeated or broken structure", LargeSizeWarning, stacklevel=3)  # fmt: skip
     return value
 
 
@@ -230,33 +300,26 @@ class Prior:
         ref: str | Path = "warp-ai/wuerstchen-prior",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        low_memory: bool = False,
     ) -> Prior:
         """Load a prior repository (hub id or local directory in hub layout). device=None picks CUDA when
-        available; dtype=None picks bfloat16 on CUDA and float32 on CPU."""
+        available; dtype=None picks bfloat16 on CUDA and float32 on CPU. low_memory=True loads each model
+        only while it runs (slower: the weights are read on every call)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         components = ("prior", "text_encoder", "tokenizer", "scheduler")
         folder = resolve(ref, allow_patterns=["model_index.json", *(f"{c}/*" for c in components)])
-        if (folder / CONVERTED_INDEX).is_file():
-            parts = load_converted(folder, "prior", dtype, device)
-            config = config_from_dict(PriorPipelineConfig, parts["pipeline"], str(folder / CONVERTED_INDEX))
-            return cls(parts["stage_c"], parts["text_encoder"], parts["tokenizer"], config, parts["scheduler"])
-        check_repo(folder, "WuerstchenPriorPipeline", "prior", components[:3])
-        return cls(
-            load_stage_c(folder / "prior", dtype, device),
-            load_clip_text_encoder(folder / "text_encoder", dtype, device),
-            CLIPTokenizer.from_dir(folder / "tokenizer"),
-            read_config(PriorPipelineConfig, folder / "model_index.json"),
-            read_scheduler(folder),
-        )
+        parts = load_parts(folder, "prior", dtype, device, low_memory)
+        config = config_from_dict(PriorPipelineConfig, parts["pipeline"], parts["source"])
+        return cls(parts["stage_c"], parts["text_encoder"], parts["tokenizer"], config, parts["scheduler"])
 
     @property
     def device(self) -> torch.device:
-        return self.model.projection.weight.device
+        return self.model.device if isinstance(self.model, OnDemand) else self.model.projection.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.projection.weight.dtype
+        return self.model.dtype if isinstance(self.model, OnDemand) else self.model.projection.weight.dtype
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         check_size("height", height), check_size("width", width)
@@ -286,24 +349,26 @@ class Prior:
         guidance = sampler.check_guidance("guidance_scale", guidance_scale)
         if num_inference_steps is None and timesteps is None:
             timesteps = sampler.DEFAULT_STAGE_C_TIMESTEPS
-        steps = sampler.make_timesteps(num_inference_steps, timesteps)
+        steps = sampler.make_timesteps(num_inference_steps, timesteps, ("num_inference_steps", "timesteps"))
         use_cfg = guidance > 1
         negatives = negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
         h, w = self.latent_size(height, width)
 
         # One text-encoder batch for prompts and negatives; rows repeated per image, prompt by prompt.
-        states = encode_text(self.tokenizer, self.text_encoder, prompts + negatives).to(self.dtype)
+        with resident(self.text_encoder) as text_encoder:
+            states = encode_text(self.tokenizer, text_encoder, prompts + negatives).to(self.dtype)
         text = states.repeat_interleave(n, dim=0)  # [cond rows; uncond rows] when guided
-
-        text_kv = self.model.condition(text)  # once: it is the same at every step
-
-        def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            return self.model(x, r, text_kv)
-
-        denoise = sampler.guided(model, guidance) if use_cfg else model
         shape = (len(prompts) * n, self.model.config.c_in, h, w)
         latents = initial_latents(shape, latents, generator, self.dtype, self.device)
-        out = run_sampler("prior", denoise, latents, steps, generator, self.scheduler, callback_on_step_end)
+
+        with resident(self.model) as stage_c:
+            text_kv = stage_c.condition(text)  # once: it is the same at every step
+
+            def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+                return stage_c(x, r, text_kv)
+
+            denoise = sampler.guided(model, guidance) if use_cfg else model
+            out = run_sampler("prior", denoise, latents, steps, generator, self.scheduler, callback_on_step_end)
         return out * self.config.latent_mean - self.config.latent_std
 
 
@@ -329,35 +394,27 @@ class Decoder:
         ref: str | Path = "warp-ai/wuerstchen",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        low_memory: bool = False,
     ) -> Decoder:
         """Load a decoder repository (hub id or local directory in hub layout). device=None picks CUDA when
-        available; dtype=None picks bfloat16 on CUDA and float32 on CPU."""
+        available; dtype=None picks bfloat16 on CUDA and float32 on CPU. low_memory=True loads each model
+        only while it runs (slower: the weights are read on every call)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         components = ("decoder", "vqgan", "text_encoder", "tokenizer", "scheduler")
         folder = resolve(ref, allow_patterns=["model_index.json", *(f"{c}/*" for c in components)])
-        if (folder / CONVERTED_INDEX).is_file():
-            parts = load_converted(folder, "decoder", dtype, device)
-            config = config_from_dict(DecoderPipelineConfig, parts["pipeline"], str(folder / CONVERTED_INDEX))
-            return cls(parts["stage_b"], parts["stage_a"], parts["text_encoder"], parts["tokenizer"], config,
-                       parts["scheduler"])  # fmt: skip
-        check_repo(folder, "WuerstchenDecoderPipeline", "decoder", components[:4])
-        return cls(
-            load_stage_b(folder / "decoder", dtype, device),
-            load_stage_a(folder / "vqgan", dtype, device),
-            load_clip_text_encoder(folder / "text_encoder", dtype, device),
-            CLIPTokenizer.from_dir(folder / "tokenizer"),
-            read_config(DecoderPipelineConfig, folder / "model_index.json"),
-            read_scheduler(folder),
-        )
+        parts = load_parts(folder, "decoder", dtype, device, low_memory)
+        config = config_from_dict(DecoderPipelineConfig, parts["pipeline"], parts["source"])
+        return cls(parts["stage_b"], parts["stage_a"], parts["text_encoder"], parts["tokenizer"], config,
+                   parts["scheduler"])  # fmt: skip
 
     @property
     def device(self) -> torch.device:
-        return self.model.stem.weight.device
+        return self.model.device if isinstance(self.model, OnDemand) else self.model.stem.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.stem.weight.dtype
+        return self.model.dtype if isinstance(self.model, OnDemand) else self.model.stem.weight.dtype
 
     def latent_size(self, embedding_height: int, embedding_width: int) -> tuple[int, int]:
         scale = self.config.latent_dim_scale
@@ -393,7 +450,7 @@ class Decoder:
                              f"{embeddings.shape[0]} image embeddings")  # fmt: skip
         n = check_count("num_images_per_prompt", num_images_per_prompt)
         guidance = sampler.check_guidance("guidance_scale", guidance_scale)
-        steps = sampler.make_timesteps(num_inference_steps, timesteps)
+        steps = sampler.make_timesteps(num_inference_steps, timesteps, ("num_inference_steps", "timesteps"))
         if output_type not in (*OUTPUT_TYPES, "latent"):
             raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
         use_cfg = guidance > 1
@@ -401,7 +458,8 @@ class Decoder:
 
         # Every image gets its own embedding row and the text of the prompt that row belongs to.
         rows_per_prompt = embeddings.shape[0] // len(prompts) * n
-        states = encode_text(self.tokenizer, self.text_encoder, prompts + negatives).to(self.dtype)
+        with resident(self.text_encoder) as text_encoder:
+            states = encode_text(self.tokenizer, text_encoder, prompts + negatives).to(self.dtype)
         text = states.repeat_interleave(rows_per_prompt, dim=0)  # [cond rows; uncond rows] when guided
         effnet = embeddings.repeat_interleave(n, dim=0)
         if use_cfg:
@@ -409,21 +467,27 @@ class Decoder:
 
         shape = (effnet.shape[0] // (2 if use_cfg else 1), self.model.config.c_in,
                  *self.latent_size(*embeddings.shape[-2:]))  # fmt: skip
-        cond = self.model.condition(effnet, text, shape[-2:])  # once: it is the same at every step
-
-        def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-            return self.model(x, r, cond)
-
-        denoise = sampler.guided(model, guidance) if use_cfg else model
         latents = initial_latents(shape, latents, generator, self.dtype, self.device)
-        out = run_sampler("decoder", denoise, latents, steps, generator, self.scheduler, callback_on_step_end)
+        with resident(self.model) as stage_b:
+            cond = stage_b.condition(effnet, text, shape[-2:])  # once: it is the same at every step
+
+            def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+                return stage_b(x, r, cond)
+
+            denoise = sampler.guided(model, guidance) if use_cfg else model
+            out = run_sampler("decoder", denoise, latents, steps, generator, self.scheduler, callback_on_step_end)
         if output_type == "latent":
             return out
         return convert_images(self.decode(out), output_type)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Stage B latents -> images clamped to [0, 1] (scaled into the VQGAN's range, not quantised)."""
-        return self.vqgan.decode(latents * self.vqgan.config.scale_factor).clamp(0, 1)
+        with resident(self.vqgan) as vqgan:
+            images = vqgan.decode(latents.to(self.device, self.dtype) * vqgan.config.scale_factor)
+        if not torch.isfinite(images).all():  # clamp would quietly turn NaN into black pixels
+            raise NumericalError(f"the Stage A (VQGAN) images hold NaN or inf (in {images.dtype}): "
+                                 "use bfloat16 or float32, and check the vqgan weights")  # fmt: skip
+        return images.clamp(0, 1)
 
     def check_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         channels = self.model.config.effnet_embd
@@ -450,12 +514,15 @@ class Pipeline:
         decoder: str | Path = "warp-ai/wuerstchen",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        low_memory: bool = False,
     ) -> Pipeline:
         """Each of prior and decoder is a hub id or a local directory in hub layout. device=None picks CUDA
-        when available; dtype=None picks bfloat16 on CUDA and float32 on CPU."""
+        when available; dtype=None picks bfloat16 on CUDA and float32 on CPU. low_memory=True keeps only the
+        model at work in memory (each of the two text encoders, Stage C, Stage B, Stage A is loaded when it
+        runs and released after), at the cost of reading the weights on every call."""
         return cls(
-            Prior.from_pretrained(prior, device, dtype),
-            Decoder.from_pretrained(decoder, device, dtype),
+            Prior.from_pretrained(prior, device, dtype, low_memory),
+            Decoder.from_pretrained(decoder, device, dtype, low_memory),
             str(prior),
             str(decoder),
         )
@@ -486,13 +553,14 @@ class Pipeline:
         in turn, as in diffusers, so a seed reproduces diffusers' image."""
         # Check everything before the first model call, so a bad argument costs no compute.
         prompts = as_prompt_list(prompt)
-        check_size("height", height), check_size("width", width)
+        check_size("height", height, warn=False), check_size("width", width, warn=False)  # the prior warns
         check_count("num_images_per_prompt", num_images_per_prompt)
         sampler.check_guidance("prior_guidance_scale", prior_guidance_scale)
         sampler.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         if prior_num_inference_steps is not None or prior_timesteps is not None:
-            sampler.make_timesteps(prior_num_inference_steps, prior_timesteps)
-        sampler.make_timesteps(num_inference_steps, decoder_timesteps)
+            sampler.make_timesteps(prior_num_inference_steps, prior_timesteps,
+                                   ("prior_num_inference_steps", "prior_timesteps"))  # fmt: skip
+        sampler.make_timesteps(num_inference_steps, decoder_timesteps, ("num_inference_steps", "decoder_timesteps"))
         negative_prompts(negative_prompt, len(prompts))
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of pil, np, pt; got {output_type!r}")
@@ -519,12 +587,13 @@ def generate(
     decoder: str | Path = "warp-ai/wuerstchen",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    low_memory: bool = False,
     **kwargs,
 ):
     """One call from prompt to images, with the keywords of Pipeline.__call__. The loaded pipeline is kept
-    for the next call in this process with the same models, device and dtype."""
-    key = (str(prior), str(decoder), str(device), dtype)
+    for the next call in this process with the same models, device, dtype and memory mode."""
+    key = (str(prior), str(decoder), str(device), dtype, low_memory)
     if key not in _cached:
         _cached.clear()  # one pipeline at a time: each is several GB
-        _cached[key] = Pipeline.from_pretrained(prior, decoder, device, dtype)
+        _cached[key] = Pipeline.from_pretrained(prior, decoder, device, dtype, low_memory)
     return _cached[key](prompt, height, width, **kwargs)

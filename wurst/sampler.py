@@ -32,22 +32,28 @@ def alpha_cumprod(t: torch.Tensor, s: float = 0.008, scaler: float = 1.0) -> tor
     return (torch.cos((t + s_) / (1 + s_) * math.pi * 0.5) ** 2 / at_zero).clamp(1e-4, 0.9999)
 
 
-def make_timesteps(num_steps: int | None = None, timesteps: Sequence[float] | None = None) -> torch.Tensor:
+def make_timesteps(
+    num_steps: int | None = None,
+    timesteps: Sequence[float] | None = None,
+    names: tuple[str, str] = ("num_steps", "timesteps"),
+) -> torch.Tensor:
     """`num_steps` evenly spaced steps (linspace(1, 0, N + 1)), or a custom list that must be strictly
-    descending within [0, 1]. Returns float32; the sampler evaluates the model at all but the last point."""
+    descending within [0, 1]. Returns float32; the sampler evaluates the model at all but the last point.
+    `names` are the caller's names for the two arguments, so that an error names what the user passed."""
+    steps_name, timesteps_name = names
     if timesteps is not None:
         values = [float(t) for t in timesteps]
         if len(values) < 2:
-            raise ValueError(f"timesteps must hold at least two values, got {len(values)}")
+            raise ValueError(f"{timesteps_name} must hold at least two values, got {len(values)}")
         if any(not (0.0 <= t <= 1.0) for t in values):
-            raise ValueError(f"timesteps must lie within [0, 1], got {values}")
+            raise ValueError(f"{timesteps_name} must lie within [0, 1], got {values}")
         if any(a <= b for a, b in zip(values, values[1:], strict=False)):
-            raise ValueError(f"timesteps must be strictly descending, got {values}")
+            raise ValueError(f"{timesteps_name} must be strictly descending, got {values}")
         return torch.tensor(values, dtype=torch.float32)
     if num_steps is None:
-        raise ValueError("give num_steps or timesteps")
+        raise ValueError(f"give {steps_name} or {timesteps_name}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        raise ValueError(f"{steps_name} must be a positive integer, got {num_steps!r}")
     return torch.linspace(1.0, 0.0, num_steps + 1)
 
 
@@ -99,14 +105,23 @@ def sample_steps(
     """Run the reverse process from `latents` at timesteps[0] to timesteps[-1], yielding
     (step index, t, latents after the step) so callers can watch, record or stop."""
     batch, dtype, device = latents.shape[0], latents.dtype, latents.device
-    timesteps = timesteps.to(device)
-    for i in range(len(timesteps) - 1):
-        r = timesteps[i].expand(batch).to(dtype)  # the model sees r in its own dtype
+    steps = len(timesteps) - 1
+    # Every step's noise is drawn up front, in the order diffusers draws it (nothing else uses the generator
+    # meanwhile), and moved in one copy: no host-device sync inside the loop, so it can run ahead on a GPU.
+    noises = torch.stack([randn(latents.shape, generator, dtype, "cpu" if _on_cpu(generator) else device)
+                          for _ in range(steps)]).to(device)  # fmt: skip
+    on_device = timesteps.to(device)
+    for i in range(steps):
+        r = on_device[i].expand(batch).to(dtype)  # the model sees r in its own dtype
         eps = denoise(latents, r)
-        noise = randn(latents.shape, generator, eps.dtype, device)
-        t_prev = timesteps[i + 1].expand(batch)
-        latents = ddpm_step(latents, eps, r, t_prev, noise, s, scaler)
+        t_prev = on_device[i + 1].expand(batch)
+        latents = ddpm_step(latents, eps, r, t_prev, noises[i], s, scaler)
         yield i, timesteps[i], latents
+
+
+def _on_cpu(generator: torch.Generator | Sequence[torch.Generator] | None) -> bool:
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    return first is not None and first.device.type == "cpu"
 
 
 def sample(
