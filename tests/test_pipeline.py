@@ -1,6 +1,9 @@
 """The whole pipeline: seed parity of wurst.Pipeline with diffusers' WuerstchenCombinedPipeline (assembled from
 components), wurst.generate, output types and the step callback."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ import wurst
 from tests import hub_fixtures, reference
 from tests.test_stage_b import assert_images_informative
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, Pipeline
+from wurst.pipeline import OnDemand
 
 PROMPT, OTHER = "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting"
 
@@ -152,6 +156,44 @@ def test_size_over_2048_warns(tiny_pair):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Low-memory mode and torch.compile
+
+SMALL_RUN = dict(height=256, width=128, prior_num_inference_steps=3, num_inference_steps=2, output_type="pt",
+                 negative_prompt="blurry", decoder_guidance_scale=2.0)  # fmt: skip
+
+
+def test_low_memory_mode_gives_the_same_images_and_keeps_no_model(tiny_pair, tiny_prior_repo, tiny_decoder_repo,
+                                                                  monkeypatch):  # fmt: skip
+    ours, _ = tiny_pair
+    low = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, low_memory=True)
+    parts = [low.prior.model, low.prior.text_encoder, low.decoder.model, low.decoder.vqgan, low.decoder.text_encoder]
+    assert all(isinstance(part, OnDemand) for part in parts)  # nothing loaded up front
+    loaded = []
+    for part in parts:
+        monkeypatch.setattr(part, "load", lambda load=part.load: loaded.append(load()) or loaded[-1])
+    expected = ours(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
+    got = low(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
+    assert torch.equal(got, expected)
+    assert len(loaded) == 5  # each model once, and each released after its stage:
+    assert all(p.is_meta for model in loaded for p in model.parameters())
+
+
+def test_denoisers_compile_as_whole_graphs(tiny_prior_repo, tiny_decoder_repo):
+    pipe = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo)
+    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
+    torch._dynamo.reset()
+    pipe.compile(backend="eager")  # fullgraph=True: any graph break raises instead of splitting the graph
+    got = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
+    assert torch.equal(got, expected)
+
+
+def test_compile_refuses_low_memory(tiny_prior_repo, tiny_decoder_repo):
+    low = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, low_memory=True)
+    with pytest.raises(ValueError, match="compile\\(\\) needs resident models"):
+        low.compile()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Published size
 
 
@@ -165,3 +207,21 @@ def test_published_seed_parity():
     error = (got - expected).abs().max().item()
     print(f"published pipeline 256x256, 2 + 2 steps: max abs error {error:.1e}")
     assert error <= 2e-3
+
+
+@pytest.mark.slow
+def test_published_low_memory_peak_under_8_gb():
+    """A published-size 1024x1024 run (one step per stage: the peak comes from the largest model at work, not
+    from the step count) in low-memory mode, measured as the peak RSS of a fresh process."""
+    code = (
+        "import sys, torch, wurst\n"
+        "pipe = wurst.Pipeline.from_pretrained(sys.argv[1], sys.argv[2], device='cpu', low_memory=True)\n"
+        "pipe('a cat', 1024, 1024, prior_num_inference_steps=1, num_inference_steps=1, output_type='pt')\n"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    )
+    prior_dir, decoder_dir = hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
+    out = subprocess.run([sys.executable, "-c", code, prior_dir, decoder_dir], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    peak_gb = int(out.stdout.split()[-1]) * 1024 / 1e9
+    print(f"published 1024x1024 in low-memory mode: peak RSS {peak_gb:.2f} GB")
+    assert peak_gb < 8

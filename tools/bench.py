@@ -1,18 +1,24 @@
-"""Time wurst against diffusers on the published-size random-weight checkpoints, each run in a fresh process,
-interleaved (wurst, diffusers, wurst, diffusers, ...), and print a table of medians.
+"""Time wurst against diffusers on the published-size random-weight checkpoints and print a table.
 
-    .venv/bin/python tools/bench.py decoder            # Stages B + A at 512x512, 12 steps, no guidance
-    .venv/bin/python tools/bench.py decoder --repeats 3 --steps 12 --size 512
+    .venv/bin/python tools/bench.py                  # the issue-6 run: 512x512, 3 Stage C steps (guidance 4),
+                                                     # 3 Stage B steps, 2 processes per side, A B A B
+    .venv/bin/python tools/bench.py --size 1024 --prior-steps 1 --steps 1 --impls wurst,wurst-low-memory,diffusers
+    make bench                                       # the first line
 
-Each process reports its load time, the time of each stage, and its peak RSS (VmHWM). Both sides run on the
-same threads (default: all cores), on CPU, in float32. diffusers and transformers come from the test extras.
+Each run is a fresh process that loads the pipeline and generates one image; runs alternate between the
+implementations. Before every run the checkpoint files are read once, outside the timing, so every run
+starts from the same warm page cache. Each process reports its load time, the time of each stage ("prior":
+both text encodings' first half, Stage C; "decoder": Stage B and its text encoding; "stage_a": the VQGAN)
+and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and the achieved fraction of
+this machine's fp32 matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
+generation time, over the rate of a 2048x2048 matmul measured here). Float32 on CPU, same thread count for
+both sides. diffusers and transformers come from the test extras (`make install`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -23,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.hub_fixtures and tests.reference
 PROMPT = "Anthropomorphic cat dressed as a fire fighter"
+IMPLS = ("wurst", "wurst-low-memory", "diffusers")
+STAGES = ("load", "prior", "decoder", "stage_a")
 
 
 def peak_rss_gib() -> float:
@@ -32,67 +40,34 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def decoder_worker(impl: str, size: int, steps: int, prior_steps: int) -> dict:
-    """One Stages B + A run: text encoding and the Stage B chain ("stage_b"), then the VQGAN ("stage_a")."""
-    import torch
-
+def repos() -> tuple[Path, Path]:
     from tests import hub_fixtures
 
-    repo = hub_fixtures.ensure("published", "decoder")
-    side = math.ceil(size / 42.67)  # the Stage C embedding size for this image size
-    embeddings = 3 * torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(5))
-    times = {}
-    start = time.perf_counter()
-    if impl == "wurst":
-        import wurst
-
-        decoder = wurst.Decoder.from_pretrained(repo, device="cpu", dtype=torch.float32)
-        times["load"] = time.perf_counter() - start
-
-        def stage_b():
-            return decoder(embeddings, PROMPT, num_inference_steps=steps, output_type="latent",
-                           generator=torch.Generator().manual_seed(7))  # fmt: skip
-
-        def stage_a(latents):
-            return decoder.decode(latents)
-    else:
-        from tests import reference
-
-        pipe = reference.decoder_pipeline(repo)
-        times["load"] = time.perf_counter() - start
-
-        def stage_b():
-            return pipe(embeddings, PROMPT, num_inference_steps=steps, output_type="latent",
-                        generator=torch.Generator().manual_seed(7)).images  # fmt: skip
-
-        def stage_a(latents):
-            with torch.no_grad():
-                return pipe.vqgan.decode(latents * pipe.vqgan.config.scale_factor).sample.clamp(0, 1)
-
-    start = time.perf_counter()
-    latents = stage_b()
-    times["stage_b"] = time.perf_counter() - start
-    start = time.perf_counter()
-    images = stage_a(latents)
-    times["stage_a"] = time.perf_counter() - start
-    return {**times, "peak_rss_gib": peak_rss_gib(), "shape": list(images.shape)}
+    return hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
 
 
-def pipeline_worker(impl: str, size: int, steps: int, prior_steps: int = 3) -> dict:
-    """The whole text-to-image run of issue 6: Stage C with guidance 4 ("prior", text encoding included), Stage B
-    without guidance ("decoder", its text encoding included) and the VQGAN ("stage_a")."""
+def warm_page_cache() -> None:
+    """Read every checkpoint file once, so that no run pays for the disk and all start alike."""
+    for repo in repos():
+        for path in sorted(repo.rglob("*.safetensors")):
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def worker(impl: str, size: int, steps: int, prior_steps: int, count_flops: bool = False) -> dict:
+    """One text-to-image run; returns the stage times, the peak RSS and a checksum of the image."""
     import torch
 
-    from tests import hub_fixtures
-
-    prior_repo, decoder_repo = hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
+    prior_repo, decoder_repo = repos()
     generator = torch.Generator().manual_seed(0)
-    times = {}
+    times: dict[str, float] = {}
     start = time.perf_counter()
-    if impl == "wurst":
+    if impl.startswith("wurst"):
         import wurst
 
-        pipe = wurst.Pipeline.from_pretrained(prior_repo, decoder_repo, device="cpu", dtype=torch.float32)
+        pipe = wurst.Pipeline.from_pretrained(prior_repo, decoder_repo, device="cpu", dtype=torch.float32,
+                                              low_memory=impl == "wurst-low-memory")  # fmt: skip
         prior = lambda: pipe.prior(PROMPT, size, size, num_inference_steps=prior_steps, guidance_scale=4.0,  # noqa: E731
                                    generator=generator)  # fmt: skip
         decoder = lambda emb: pipe.decoder(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
@@ -108,8 +83,7 @@ def pipeline_worker(impl: str, size: int, steps: int, prior_steps: int = 3) -> d
                                                 output_type="latent").images  # fmt: skip
 
         def stage_a(latents):
-            with torch.no_grad():
-                return pipe.vqgan.decode(latents * pipe.vqgan.config.scale_factor).sample.clamp(0, 1)
+            return pipe.vqgan.decode(latents * pipe.vqgan.config.scale_factor).sample.clamp(0, 1)
 
     times["load"] = time.perf_counter() - start
 
@@ -120,59 +94,91 @@ def pipeline_worker(impl: str, size: int, steps: int, prior_steps: int = 3) -> d
         times[name] = time.perf_counter() - start
         return out
 
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
+        return {"flops": counter.get_total_flops()}
     images = timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
-    return {**times, "peak_rss_gib": peak_rss_gib(), "shape": list(images.shape),
-            "checksum": float(images.double().sum())}  # fmt: skip
+    return {**times, "peak_rss_gib": peak_rss_gib(), "checksum": float(images.double().sum())}
 
 
-WORKERS = {"decoder": decoder_worker, "pipeline": pipeline_worker}
+def matmul_gflops(threads: int) -> float:
+    """The best of several 2048x2048 float32 matmuls on `threads` threads, in GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
+
+
+def run_worker(args: argparse.Namespace, impl: str, flops: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--size", str(args.size), "--steps", str(args.steps),
+           "--prior-steps", str(args.prior_steps), "--threads", str(args.threads)]  # fmt: skip
+    cmd += ["--flops"] if flops else []
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{impl} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", choices=sorted(WORKERS))
     parser.add_argument("--size", type=int, default=512, help="image height and width (default 512)")
     parser.add_argument("--steps", type=int, default=3, help="Stage B steps (default 3)")
-    parser.add_argument("--prior-steps", type=int, default=3, help="Stage C steps, pipeline run (default 3)")
+    parser.add_argument("--prior-steps", type=int, default=3, help="Stage C steps, guidance 4 (default 3)")
     parser.add_argument("--repeats", type=int, default=2, help="processes per implementation (default 2)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--worker", choices=("wurst", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--impls", default="wurst,diffusers", help=f"comma-separated, from {', '.join(IMPLS)}")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(WORKERS[args.run](args.worker, args.size, args.steps, args.prior_steps)))
+        print(json.dumps(worker(args.worker, args.size, args.steps, args.prior_steps, args.flops)))
         return
 
-    from tests import hub_fixtures
-
-    hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")  # outside the timing
-    results: dict[str, list[dict]] = {"wurst": [], "diffusers": []}
+    impls = args.impls.split(",")
+    if unknown := set(impls) - set(IMPLS):
+        sys.exit(f"bench: unknown --impls {', '.join(sorted(unknown))}: choose from {', '.join(IMPLS)}")
+    repos()  # build the checkpoints, if needed, outside the timing
+    results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for repeat in range(args.repeats):
-        for impl in results:
-            cmd = [sys.executable, __file__, args.run, "--worker", impl, "--size", str(args.size),
-                   "--steps", str(args.steps), "--prior-steps", str(args.prior_steps),
-                   "--threads", str(args.threads)]  # fmt: skip
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{impl} worker failed:\n{out.stderr[-3000:]}")
-            results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for impl in impls:
+            warm_page_cache()
+            results[impl].append(run_worker(args, impl))
             print(f"run {repeat + 1} {impl}: {results[impl][-1]}", file=sys.stderr)
+    flops = run_worker(args, "wurst", flops=True)["flops"]
+    rate = matmul_gflops(args.threads)
 
-    columns = [k for k in results["wurst"][0] if k not in ("shape", "checksum")]
-    print(f"\n{args.run}, {args.size}x{args.size}, {args.steps} steps, {args.threads} threads, "
-          f"median of {args.repeats} processes each\n")  # fmt: skip
-    print("| | " + " | ".join(columns) + " | total (load + stages) |")
-    print("|---" * (len(columns) + 2) + "|")
+    print(f"\n{args.size}x{args.size}, {args.prior_steps} Stage C steps (guidance 4), {args.steps} Stage B steps, "
+          f"float32, {args.threads} threads, median of {args.repeats} processes each; "
+          f"{flops / 1e12:.2f} TFLOP per run; 2048² matmul: {rate:.0f} GFLOP/s\n")  # fmt: skip
+    print("| | " + " | ".join(STAGES) + " | total | peak RSS | of matmul rate |")
+    print("|---" * (len(STAGES) + 4) + "|")
     totals = {}
     for impl, runs in results.items():
-        medians = {k: statistics.median(r[k] for r in runs) for k in columns}
-        totals[impl] = sum(v for k, v in medians.items() if k != "peak_rss_gib")
-        cells = [f"{medians[k]:.2f} GiB" if k == "peak_rss_gib" else f"{medians[k]:.1f} s" for k in columns]
-        print(f"| {impl} | " + " | ".join(cells) + f" | {totals[impl]:.1f} s |")
-    print(f"\nwurst / diffusers total time: {totals['wurst'] / totals['diffusers']:.2f}")
+        medians = {k: statistics.median(r[k] for r in runs) for k in (*STAGES, "peak_rss_gib")}
+        totals[impl] = sum(medians[k] for k in STAGES)
+        generation = totals[impl] - medians["load"]
+        cells = [f"{medians[k]:.1f} s" for k in STAGES]
+        print(f"| {impl} | " + " | ".join(cells) + f" | {totals[impl]:.1f} s | {medians['peak_rss_gib']:.2f} GiB | "
+              f"{flops / generation / (rate * 1e9):.0%} |")  # fmt: skip
+    if "diffusers" in totals:
+        for impl in totals:
+            if impl != "diffusers":
+                print(f"\n{impl} / diffusers total time: {totals[impl] / totals['diffusers']:.2f}")
+    sums = {impl: {round(r["checksum"], 1) for r in runs} for impl, runs in results.items()}
+    print(f"image checksums: {sums}")
 
 
 if __name__ == "__main__":

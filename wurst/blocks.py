@@ -1,5 +1,5 @@
 """Building blocks shared by Stage C (the prior) and Stage B (the decoder). Tensors are NCHW unless a name
-says otherwise; the per-pixel MLPs run channels-last, where nn.Linear and the channel LayerNorm want them."""
+says otherwise; the per-pixel MLPs run channels-last, where Linear and the channel LayerNorm want them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,28 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Inference on CPU in float32 calls oneDNN's matmul directly: for the short, wide matrices of these models
+# (a few hundred rows of width 1280-6144) it runs 10-30% faster than the BLAS path that F.linear takes, on the
+# same unpacked (memory-mapped) weights, and it fuses a following GELU into the matmul. The op has no
+# backward, so training and every other device or dtype use F.linear.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """nn.Linear, optionally with the GELU (erf form) that follows it made part of the layer, so that the
+    fast path can fuse the two. Same parameters, so the same checkpoint names."""
+
+    def __init__(self, in_features: int, out_features: int, gelu: bool = False):
+        super().__init__(in_features, out_features)
+        self.gelu = gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        return F.gelu(y) if self.gelu else y
 
 
 def channel_norm(x: torch.Tensor) -> torch.Tensor:
@@ -41,15 +63,15 @@ class ResBlock(nn.Module):
     def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
-        self.mlp_in = nn.Linear(c + c_skip, 4 * c)
+        self.mlp_in = Linear(c + c_skip, 4 * c, gelu=True)
         self.grn = GlobalResponseNorm(4 * c)
-        self.mlp_out = nn.Linear(4 * c, c)
+        self.mlp_out = Linear(4 * c, c)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6)  # (B, H, W, C)
         if skip is not None:
             h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
-        h = self.mlp_out(self.grn(F.gelu(self.mlp_in(h))))
+        h = self.mlp_out(self.grn(self.mlp_in(h)))  # mlp_in ends in GELU
         return x + h.permute(0, 3, 1, 2)
 
 
@@ -58,7 +80,7 @@ class TimestepBlock(nn.Module):
 
     def __init__(self, c: int, c_r: int):
         super().__init__()
-        self.mapper = nn.Linear(c_r, 2 * c)
+        self.mapper = Linear(c_r, 2 * c)
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
         a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
@@ -78,11 +100,11 @@ class AttnBlock(nn.Module):
     def __init__(self, c: int, c_cond: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.cond_proj = nn.Linear(c_cond, c)  # applied after a SiLU
-        self.q_proj = nn.Linear(c, c)
-        self.k_proj = nn.Linear(c, c)
-        self.v_proj = nn.Linear(c, c)
-        self.out_proj = nn.Linear(c, c)
+        self.cond_proj = Linear(c_cond, c)  # applied after a SiLU
+        self.q_proj = Linear(c, c)
+        self.k_proj = Linear(c, c)
+        self.v_proj = Linear(c, c)
+        self.out_proj = Linear(c, c)
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, N, C) -> (B, heads, N, C / heads)

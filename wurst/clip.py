@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import Linear
 from .loader import KeyMap, load_module, read_config, read_weights, weight_files
 
 
@@ -29,7 +30,7 @@ class CLIPTextConfig:
 
 
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
+    "gelu": lambda x: x,  # part of fc1 (Linear(gelu=True)), where the fast path fuses it
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
@@ -40,13 +41,13 @@ class EncoderLayer(nn.Module):
         width = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.norm1 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
         self.norm2 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(width, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, width)
+        self.fc1 = Linear(width, cfg.intermediate_size, gelu=cfg.hidden_act == "gelu")
+        self.fc2 = Linear(cfg.intermediate_size, width)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:

@@ -480,6 +480,7 @@ class Decoder:
             return out
         return convert_images(self.decode(out), output_type)
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Stage B latents -> images clamped to [0, 1] (scaled into the VQGAN's range, not quantised)."""
         with resident(self.vqgan) as vqgan:
@@ -528,6 +529,16 @@ class Pipeline:
         )
 
     @torch.no_grad()
+    def compile(self, **options) -> Pipeline:
+        """torch.compile both denoisers (Stage C and Stage B) in place, as whole graphs: their forward passes
+        have no graph breaks. `options` go to torch.compile (mode="max-autotune", dynamic=False, ...). The
+        first call at each image size pays the compile time. Not with low_memory, whose models come and go."""
+        for part in (self.prior, self.decoder):
+            if isinstance(part.model, OnDemand):
+                raise ValueError("compile() needs resident models: load the pipeline without low_memory")
+            part.model.compile(fullgraph=True, **options)
+        return self
+
     def __call__(
         self,
         prompt: str | Sequence[str],

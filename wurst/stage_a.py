@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import Linear
 from .loader import KeyMap, load_module, read_config, read_weights, weight_files
 
 
@@ -44,18 +45,18 @@ class MixingResidualBlock(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size=3, padding=1, padding_mode="replicate", groups=c)
-        self.mlp_in = nn.Linear(c, 4 * c)
-        self.mlp_out = nn.Linear(4 * c, c)
+        self.mlp_in = Linear(c, 4 * c, gelu=True)
+        self.mlp_out = Linear(4 * c, c)
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gammas
-        h = x.permute(0, 2, 3, 1)  # channels-last for the norms and the MLP
+        h = x.permute(0, 2, 3, 1)  # (B, H, W, C) for the norms and the MLP: a free view of channels_last memory
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + g[0]) + g[1]
         x = x + self.depthwise(h.permute(0, 3, 1, 2)) * g[2]
         h = x.permute(0, 2, 3, 1)
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + g[3]) + g[4]
-        return x + self.mlp_out(F.gelu(self.mlp_in(h))).permute(0, 3, 1, 2) * g[5]
+        return x + self.mlp_out(self.mlp_in(h)).permute(0, 3, 1, 2) * g[5]  # mlp_in ends in GELU
 
 
 class ToLatent(nn.Module):
@@ -95,7 +96,8 @@ class StageA(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] -> (B, 4, H/4, W/4) latents, not quantised."""
-        h = self.in_conv(F.pixel_unshuffle(images, self.config.up_down_scale_factor))
+        h = F.pixel_unshuffle(images, self.config.up_down_scale_factor).contiguous(memory_format=torch.channels_last)
+        h = self.in_conv(h)
         for layer in self.down:
             h = layer(h)
         return h
@@ -111,10 +113,10 @@ class StageA(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) latents -> (B, 3, 4h, 4w) images, roughly in [0, 1] and not clamped."""
-        h = latents
+        h = latents.contiguous(memory_format=torch.channels_last)  # the convs keep it; the blocks rely on it
         for layer in self.up:
             h = layer(h)
-        return F.pixel_shuffle(self.out_conv(h), self.config.up_down_scale_factor)
+        return F.pixel_shuffle(self.out_conv(h), self.config.up_down_scale_factor).contiguous()
 
 
 # Hub (diffusers) names -> our names. `{}` is a layer index or weight/bias/running_mean/...

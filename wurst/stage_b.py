@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
+from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
 from .errors import ConfigError
 from .loader import KeyMap, load_module, read_config, read_weights, weight_files
 
@@ -67,7 +67,7 @@ class StageB(nn.Module):
         super().__init__()
         self.config = cfg
         levels, c = len(cfg.c_hidden), cfg.c_hidden
-        self.text_proj = nn.Linear(cfg.clip_embd, cfg.c_cond)  # followed by a LayerNorm without affine
+        self.text_proj = Linear(cfg.clip_embd, cfg.c_cond)  # followed by a LayerNorm without affine
         # One 1x1 projection of the Stage C embedding per injecting level: entries 0..L-1 serve the down
         # path, L..2L-1 the up path (deepest level first); None where a level takes no injection.
         inject = list(cfg.inject_effnet) + list(reversed(cfg.inject_effnet))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
+from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
 from .loader import KeyMap, load_module, read_config, read_weights, weight_files
 
 
@@ -31,8 +31,8 @@ class StageC(nn.Module):
         super().__init__()
         self.config = cfg
         self.projection = nn.Conv2d(cfg.c_in, cfg.c, kernel_size=1)
-        self.cond_in = nn.Linear(cfg.c_cond, cfg.c)
-        self.cond_out = nn.Linear(cfg.c, cfg.c)
+        self.cond_in = Linear(cfg.c_cond, cfg.c)
+        self.cond_out = Linear(cfg.c, cfg.c)
         # Flat, in checkpoint order: block 3i is a ResBlock, 3i+1 a TimestepBlock, 3i+2 an AttnBlock.
         self.blocks = nn.ModuleList()
         for _ in range(cfg.depth):
