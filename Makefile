@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint fixtures clean
+.PHONY: install test test-fast lint demo bench clean
 
 # One command: a virtual environment with CPU torch 2.13.0 and wurst with its test extras.
 install:
@@ -22,6 +22,19 @@ test-fast:
 
 lint:
 	$(VENV)/bin/ruff check .
+
+# Install check, offline: tiny random-weight checkpoints in the hub layout, one CLI run, demo.png. The image is
+# noise-like (random weights); it shows that every stage loads and runs. Real images need the real weights.
+demo:
+	prior=$$($(PY) -m tests.hub_fixtures --size tiny --repo prior) && \
+	decoder=$$($(PY) -m tests.hub_fixtures --size tiny --repo decoder) && \
+	HF_HUB_OFFLINE=1 $(PY) -m wurst "Anthropomorphic cat dressed as a fire fighter" --prior "$$prior" \
+		--decoder "$$decoder" --height 256 --width 256 --prior-steps 4 --decoder-steps 4 --seed 0 \
+		--output demo.png --overwrite
+
+# wurst against diffusers on published-size random-weight checkpoints (builds ~12 GB of them on first use).
+bench:
+	$(PY) tools/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,7 @@
 """Time wurst against diffusers on the published-size random-weight checkpoints and print a table.
 
     .venv/bin/python tools/bench.py                  # the issue-6 run: 512x512, 3 Stage C steps (guidance 4),
-                                                     # 3 Stage B steps, 2 processes per side, A B A B
+                                                     # 3 Stage B steps, 3 processes per side, A B A B
     .venv/bin/python tools/bench.py --size 1024 --prior-steps 1 --steps 1 --impls wurst,wurst-low-memory,diffusers
     make bench                                       # the first line
 
@@ -97,6 +97,10 @@ def worker(impl: str, size: int, steps: int, prior_steps: int, count_flops: bool
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
+        import wurst.blocks
+
+        wurst.blocks._ONEDNN_LINEAR = False  # the counter knows aten's matmuls, not oneDNN's (same FLOPs)
+
         with FlopCounterMode(display=False) as counter:
             timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
         return {"flops": counter.get_total_flops()}
@@ -133,7 +137,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image height and width (default 512)")
     parser.add_argument("--steps", type=int, default=3, help="Stage B steps (default 3)")
     parser.add_argument("--prior-steps", type=int, default=3, help="Stage C steps, guidance 4 (default 3)")
-    parser.add_argument("--repeats", type=int, default=2, help="processes per implementation (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per implementation (default 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--impls", default="wurst,diffusers", help=f"comma-separated, from {', '.join(IMPLS)}")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)

@@ -49,7 +49,8 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial_norm = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        # The L2 norm over H and W, as a sum of squares: torch.norm over two non-trailing dims is ~10x slower.
+        spatial_norm = x.square().sum(dim=(1, 2), keepdim=True).sqrt()
         relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
         # gamma * (x * relative) + beta + x, as one pass over x: the per-channel factor is only (B, 1, 1, C).
         return torch.addcmul(self.beta, x, 1 + self.gamma * relative)
