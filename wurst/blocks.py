@@ -12,7 +12,8 @@ from torch import nn
 # Inference on CPU in float32 calls oneDNN's matmul directly: for the short, wide matrices of these models
 # (a few hundred rows of width 1280-6144) it runs 10-30% faster than the BLAS path that F.linear takes, on the
 # same unpacked (memory-mapped) weights, and it fuses a following GELU into the matmul. The op has no
-# backward, so training and every other device or dtype use F.linear.
+# backward and inductor cannot lower it on unpacked weights, so training, compiled graphs and every
+# other device or dtype use F.linear.
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -25,7 +26,8 @@ class Linear(nn.Linear):
         self.gelu = gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):  # fmt: skip
             attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
         y = F.linear(x, self.weight, self.bias)
