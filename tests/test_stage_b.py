@@ -238,6 +238,21 @@ def test_bad_inputs_name_the_argument(kwargs, match, tiny_pair):
         ours(**kwargs)
 
 
+def test_grn_does_not_overflow_in_float16():
+    """The sum of squares over a 128x128 latent of activations around 100 is ~1.6e8, past float16's 65504: GRN
+    keeps its statistics in float32, so a float16 Stage B gets finite values close to float32's."""
+    from wurst.blocks import GlobalResponseNorm
+
+    grn = GlobalResponseNorm(8)
+    with torch.no_grad():
+        grn.gamma.normal_(), grn.beta.normal_()
+    x = 100 * torch.randn(1, 128, 128, 8, generator=torch.Generator().manual_seed(0))
+    expected = grn(x)
+    got = grn.half()(x.half())
+    assert torch.isfinite(got).all()
+    assert relative_error(got.float(), expected) < 2e-3
+
+
 def test_prior_repo_is_refused_as_decoder(tiny_prior_repo):
     with pytest.raises(ModelNotFoundError, match="It is the prior repository"):
         Decoder.from_pretrained(tiny_prior_repo)

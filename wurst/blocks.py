@@ -51,11 +51,13 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The L2 norm over H and W, as a sum of squares: torch.norm over two non-trailing dims is ~10x slower.
-        spatial_norm = x.square().sum(dim=(1, 2), keepdim=True).sqrt()
+        # The L2 norm over H and W, as a sum of squares (torch.norm over two non-trailing dims is ~10x slower),
+        # in float32: in float16 the sum of squares over a large latent overflows, the known fp16 failure of
+        # Stage B.
+        spatial_norm = x.float().square().sum(dim=(1, 2), keepdim=True).sqrt()
         relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
         # gamma * (x * relative) + beta + x, as one pass over x: the per-channel factor is only (B, 1, 1, C).
-        return torch.addcmul(self.beta, x, 1 + self.gamma * relative)
+        return torch.addcmul(self.beta, x, (1 + self.gamma * relative).to(x.dtype))
 
 
 class ResBlock(nn.Module):
