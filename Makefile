@@ -23,14 +23,15 @@ test-fast:
 lint:
 	$(VENV)/bin/ruff check .
 
-# Install check, offline: tiny random-weight checkpoints in the hub layout, one CLI run, demo.png. The image is
+# Install check, offline: tiny random-weight checkpoints in the hub layout, one CLI run, one PNG. The image is
 # noise-like (random weights); it shows that every stage loads and runs. Real images need the real weights.
 demo:
 	prior=$$($(PY) -m tests.hub_fixtures --size tiny --repo prior) && \
 	decoder=$$($(PY) -m tests.hub_fixtures --size tiny --repo decoder) && \
 	HF_HUB_OFFLINE=1 $(PY) -m wurst "Anthropomorphic cat dressed as a fire fighter" --prior "$$prior" \
 		--decoder "$$decoder" --height 256 --width 256 --prior-steps 4 --decoder-steps 4 --seed 0 \
-		--output demo.png --overwrite
+		--output install-check-random-weights.png --overwrite && \
+	echo "install check passed: install-check-random-weights.png comes from random weights, not a real picture"
 
 # wurst against diffusers on published-size random-weight checkpoints (builds ~12 GB of them on first use).
 bench:
