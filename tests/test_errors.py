@@ -630,17 +630,13 @@ def test_convert_refusal_is_one_line_in_a_real_process(form, tmp_path, tiny_prio
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("form,reason", [
-    # torch's weights-only unpickler stops at the first opcode of protocol 4 it lacks, before any global
-    ("plain", r"Unsupported operand 149"),
-    ("zip", r"GLOBAL (posix|nt|os)\.system\b"),
-])  # fmt: skip
-def test_convert_refusal_names_the_reason(form, reason, tmp_path, tiny_prior_repo, tiny_decoder_repo, capsys):
+@pytest.mark.parametrize("form", ["plain", "zip"])
+def test_convert_refusal_names_the_refused_callable(form, tmp_path, tiny_prior_repo, tiny_decoder_repo, capsys):
     path, _ = code_running_checkpoint(tmp_path, form)
     code = convert_weights.main(convert_args(tiny_prior_repo, tiny_decoder_repo, tmp_path / "out", "--stage-c", path))
     err = capsys.readouterr().err
     assert code == 2
-    assert re.search(reason, err) and "will likely succeed" not in err, err
+    assert re.search(r"\b(posix|nt|os)\.system\b", err) and "will likely succeed" not in err, err
 
 
 @pytest.mark.parametrize("flag", ["--stage-b", "--stage-a"])

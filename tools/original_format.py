@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import pickletools
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -90,6 +91,24 @@ def _unpickler_reason(error: pickle.UnpicklingError) -> str:
     return _first_line(error)
 
 
+def _pickled_callables(path: Path) -> list[str]:
+    """The module.name of every global a plain pickle file refers to, read from its opcodes without running
+    anything (pickletools only decodes). Empty when the file is not a readable pickle."""
+    names, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name == "GLOBAL":  # protocols 0-3: "module name" as the argument
+                    names.append(".".join(str(arg).split(" ", 1)))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:  # protocol 4+: the last two strings
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and "UNICODE" in opcode.name:
+                    strings.append(arg)
+    except (ValueError, EOFError, OSError, UnicodeDecodeError):
+        pass
+    return sorted(set(names))
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -114,6 +133,9 @@ def read_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         # Raised both for garbage and for pickles that name functions or classes, which could run code.
         detail = _unpickler_reason(e)
+        if "GLOBAL" not in detail and not zipfile.is_zipfile(path):
+            named = _pickled_callables(path)  # torch stopped before the first global; name them ourselves
+            detail += f"; it names {', '.join(named)}" if named else ""
         raise CheckpointError(f"{path} is corrupt or holds more than tensors, which weights-only loading refuses "
                               f"({detail.strip()})") from e
     except Exception as e:  # torch.load reports damaged files with many types: RuntimeError, EOFError, KeyError...
