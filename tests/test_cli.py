@@ -135,7 +135,10 @@ def test_ctrl_c_exits_cleanly_without_files(tmp_path, repos):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "wurst", PROMPT, *repos, "--height", "1024", "--width", "1024",
             "--prior-steps", "2", "--decoder-steps", "60", "--output", str(tmp_path / "x.png")]  # fmt: skip
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    # A child of a shell's background job starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         # On a pipe the progress bar prints one line per finished stage: once Stage C is done, Stage B is running.
         for line in proc.stderr:
