@@ -171,7 +171,7 @@ def check_repo(folder: Path, expected_class: str, role: str, components: Sequenc
     if found is None:
         raise ModelNotFoundError(f"{index_path} lacks the field '_class_name' (expected {expected_class})")
     if found != expected_class:
-        other = {"WuerstchenPriorPipeline": "prior", "WuerstchenDecoderPipeline": "decoder"}.get(found)
+        other = {cls: kind for kind, cls in PIPELINE_CLASSES.items()}.get(found)
         hint = f" It is the {other} repository: pass it as the {other}." if other else ""
         raise ModelNotFoundError(f"{folder} holds a {found}, not the {role} ({expected_class}).{hint}")
     for component in components:
