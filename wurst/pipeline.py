@@ -93,6 +93,14 @@ class OnDemand:
         self.config, self.load, self.device, self.dtype = config, load, device, dtype
 
 
+def placement(model: torch.nn.Module | OnDemand) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a model's weights, loaded or not."""
+    if isinstance(model, OnDemand):
+        return model.device, model.dtype
+    weight = next(model.parameters())
+    return weight.device, weight.dtype
+
+
 @contextlib.contextmanager
 def resident(model):
     """The model itself, or, for an OnDemand one, a freshly loaded copy that is released on leaving."""
@@ -115,9 +123,8 @@ def load_parts(folder: Path, kind: str, dtype: torch.dtype, device: torch.device
         parts, models = converted_parts(folder, kind, dtype, device)
     else:
         folders = [sub for sub, _, _ in HUB_MODELS[kind].values()]
-        check_repo(folder, PIPELINE_CLASSES[kind], kind, [*folders, "tokenizer"])
         parts = {
-            "pipeline": read_json(folder / "model_index.json"),
+            "pipeline": check_repo(folder, PIPELINE_CLASSES[kind], kind, [*folders, "tokenizer"]),
             "scheduler": read_scheduler(folder),
             "tokenizer": CLIPTokenizer.from_dir(folder / "tokenizer"),
             "source": str(folder / "model_index.json"),
@@ -162,12 +169,14 @@ def load_converted_model(model_cls, cfg, path: Path, dtype: torch.dtype, device:
                        device)  # fmt: skip
 
 
-def check_repo(folder: Path, expected_class: str, role: str, components: Sequence[str]) -> None:
-    """Fail early, naming what is missing, when `folder` is not the hub repository it should be."""
+def check_repo(folder: Path, expected_class: str, role: str, components: Sequence[str]) -> dict:
+    """Fail early, naming what is missing, when `folder` is not the hub repository it should be. Returns
+    its model_index.json."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ModelNotFoundError(f"{folder} is not a Würstchen {role} repository in hub layout: no model_index.json")
-    found = read_json(index_path).get("_class_name")
+    index = read_json(index_path)
+    found = index.get("_class_name")
     if found is None:
         raise ModelNotFoundError(f"{index_path} lacks the field '_class_name' (expected {expected_class})")
     if found != expected_class:
@@ -177,6 +186,7 @@ def check_repo(folder: Path, expected_class: str, role: str, components: Sequenc
     for component in components:
         if not (folder / component).is_dir():
             raise ModelNotFoundError(f"{folder} lacks the {component}/ folder of a {role} repository")
+    return index
 
 
 def as_prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
@@ -315,11 +325,11 @@ class Prior:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device if isinstance(self.model, OnDemand) else self.model.projection.weight.device
+        return placement(self.model)[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype if isinstance(self.model, OnDemand) else self.model.projection.weight.dtype
+        return placement(self.model)[1]
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         check_size("height", height), check_size("width", width)
@@ -410,11 +420,11 @@ class Decoder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device if isinstance(self.model, OnDemand) else self.model.stem.weight.device
+        return placement(self.model)[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype if isinstance(self.model, OnDemand) else self.model.stem.weight.dtype
+        return placement(self.model)[1]
 
     def latent_size(self, embedding_height: int, embedding_width: int) -> tuple[int, int]:
         scale = self.config.latent_dim_scale

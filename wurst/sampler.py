@@ -107,9 +107,8 @@ def sample_steps(
     batch, dtype, device = latents.shape[0], latents.dtype, latents.device
     steps = len(timesteps) - 1
     # Every step's noise is drawn up front, in the order diffusers draws it (nothing else uses the generator
-    # meanwhile), and moved in one copy: no host-device sync inside the loop, so it can run ahead on a GPU.
-    noises = torch.stack([randn(latents.shape, generator, dtype, "cpu" if _on_cpu(generator) else device)
-                          for _ in range(steps)]).to(device)  # fmt: skip
+    # meanwhile): no host-device copy inside the loop, so it can run ahead on a GPU.
+    noises = torch.stack([randn(latents.shape, generator, dtype, device) for _ in range(steps)])
     on_device = timesteps.to(device)
     for i in range(steps):
         r = on_device[i].expand(batch).to(dtype)  # the model sees r in its own dtype
@@ -117,11 +116,6 @@ def sample_steps(
         t_prev = on_device[i + 1].expand(batch)
         latents = ddpm_step(latents, eps, r, t_prev, noises[i], s, scaler)
         yield i, timesteps[i], latents
-
-
-def _on_cpu(generator: torch.Generator | Sequence[torch.Generator] | None) -> bool:
-    first = generator[0] if isinstance(generator, (list, tuple)) else generator
-    return first is not None and first.device.type == "cpu"
 
 
 def sample(
