@@ -26,8 +26,8 @@ lint:
 # Install check, offline: tiny random-weight checkpoints in the hub layout, one CLI run, one PNG. The image is
 # noise-like (random weights); it shows that every stage loads and runs. Real images need the real weights.
 demo:
-	prior=$$($(PY) -m tests.hub_fixtures --size tiny --repo prior) && \
-	decoder=$$($(PY) -m tests.hub_fixtures --size tiny --repo decoder) && \
+	prior=$$($(PY) -m tools.hub_fixtures --size tiny --repo prior) && \
+	decoder=$$($(PY) -m tools.hub_fixtures --size tiny --repo decoder) && \
 	HF_HUB_OFFLINE=1 $(PY) -m wurst "Anthropomorphic cat dressed as a fire fighter" --prior "$$prior" \
 		--decoder "$$decoder" --height 256 --width 256 --prior-steps 4 --decoder-steps 4 --seed 0 \
 		--output install-check-random-weights.png --overwrite && \

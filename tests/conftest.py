@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tests import hub_fixtures
+from tools import hub_fixtures
 
 # The 2-core machine this runs on: keep the thread count fixed so timings and reductions are repeatable.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

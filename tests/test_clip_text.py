@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from tests import hub_fixtures
 from tests.conftest import parity_bound, relative_error
 from tests.prompts import PROMPTS
+from tools import hub_fixtures
 from wurst import CLIPTokenizer, PromptTruncatedWarning, load_clip_text_encoder
 
 SAMPLE = ["", "a photo of a cat", "Anthropomorphic cat dressed as a fire fighter", PROMPTS[20], PROMPTS[-4]]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.hub_fixtures import CONFIGS, REPOS, component_config
+from tools.hub_fixtures import CONFIGS, REPOS, component_config
 from wurst import CLIPTextConfig
 from wurst.loader import read_config
 

@@ -9,9 +9,8 @@ from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests import hub_fixtures
 from tests.test_pipeline import PROMPT
-from tools import convert_weights
+from tools import convert_weights, hub_fixtures
 from wurst import ModelNotFoundError, Pipeline, Prior
 
 RUN = dict(height=256, width=128, prior_num_inference_steps=4, num_inference_steps=12, output_type="pt")

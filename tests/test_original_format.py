@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
-from tests import hub_fixtures
 from tests import original_modules as original
 from tests.conftest import parity_bound, relative_error
+from tools import hub_fixtures
 from tools.original_format import interpolate, original_config, published_config, read_original, to_hub_names
 from wurst import CheckpointError, ConfigError, ModelNotFoundError, stage_a, stage_b, stage_c
 from wurst.loader import config_from_dict, load_module

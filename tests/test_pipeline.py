@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import wurst
-from tests import hub_fixtures, reference
 from tests.test_stage_b import assert_images_informative
+from tools import hub_fixtures, reference
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, Pipeline
 from wurst.pipeline import OnDemand
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt
 
-from tests import hub_fixtures, reference
 from tests.conftest import parity_bound, relative_error
+from tools import hub_fixtures, reference
 from wurst import Decoder, ModelNotFoundError, load_stage_a, load_stage_b
 
 PROMPT, OTHER = "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from tests.hub_fixtures import write_tokenizer
 from tests.prompts import LONG, PROMPTS
+from tools.hub_fixtures import write_tokenizer
 from wurst import CLIPTokenizer, PromptTruncatedWarning
 
 CASES = [(layout, pad) for layout in ("json", "legacy") for pad in ("<|endoftext|>", "!")]

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # for tests.hub_fixtures and tests.reference
+sys.path.insert(0, str(ROOT))  # for tools.hub_fixtures and tools.reference
 PROMPT = "Anthropomorphic cat dressed as a fire fighter"
 IMPLS = ("wurst", "wurst-low-memory", "diffusers")
 STAGES = ("load", "prior", "decoder", "stage_a")
@@ -41,7 +41,7 @@ def peak_rss_gib() -> float:
 
 
 def repos() -> tuple[Path, Path]:
-    from tests import hub_fixtures
+    from tools import hub_fixtures
 
     return hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
 
@@ -74,7 +74,7 @@ def worker(impl: str, size: int, steps: int, prior_steps: int, count_flops: bool
                                            output_type="latent")  # fmt: skip
         stage_a = pipe.decoder.decode
     else:
-        from tests import reference
+        from tools import reference
 
         pipe = reference.combined_pipeline(prior_repo, decoder_repo)
         prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, num_inference_steps=prior_steps,  # noqa: E731

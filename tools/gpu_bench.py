@@ -3,7 +3,7 @@
     python tools/gpu_bench.py                       # 1024x1024, default steps (29 Stage C with guidance 4, 12 Stage B)
     python tools/gpu_bench.py --size 512 --no-diffusers --no-compile   # a quick smoke run
 
-It needs the published-size random-weight checkpoints (`python -m tests.hub_fixtures --size published`, which needs
+It needs the published-size random-weight checkpoints (`python -m tools.hub_fixtures --size published`, which needs
 diffusers and transformers, i.e. `make install`) and, for the diffusers rows and the parity check, diffusers
 0.42.1 and transformers 5.x importable. On a machine without them, build the checkpoints elsewhere, copy the cache
 folder (`$WURST_FIXTURES`, default ~/.cache/wurst/fixtures), and `pip install` wheels of diffusers, transformers,
@@ -58,7 +58,7 @@ def wurst_run(pipe, size: int):
 
 
 def diffusers_pipeline(prior, decoder, dtype, compiled=False):
-    from tests import reference
+    from tools import reference
 
     pipe = reference.combined_pipeline(prior, decoder, dtype).to("cuda")
     if compiled:
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_bench: no CUDA device here; run this on a machine with one")
-    from tests import hub_fixtures
+    from tools import hub_fixtures
 
     prior, decoder = hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 parity means float32 matmuls

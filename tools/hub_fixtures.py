@@ -9,7 +9,7 @@ Every parameter and persistent buffer is re-randomised, including those diffuser
 gamma/beta, timestep mappers, output heads, Paella gammas): a zero there makes a block an identity and a
 parity test blind to it.
 
-    python -m tests.hub_fixtures --size published            # build everything, print the two repo paths
+    python -m tools.hub_fixtures --size published            # build everything, print the two repo paths
 """
 
 from __future__ import annotations
