@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tools import hub_fixtures
+from wurst import Pipeline
 
 # The 2-core machine this runs on: keep the thread count fixed so timings and reductions are repeatable.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -19,11 +20,13 @@ def tiny_decoder_repo():
     return hub_fixtures.ensure("tiny", "decoder")
 
 
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((ours.double() - ref).norm() / ref.norm()).item()
+@pytest.fixture(scope="module")
+def pipe(tiny_prior_repo, tiny_decoder_repo):
+    """The tiny pipeline in float32 on the CPU, shared by the tests of one module."""
+    return Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu", dtype=torch.float32)
 
 
-def parity_bound(ref32: torch.Tensor, ref64: torch.Tensor) -> float:
-    """The tolerance the issues set: the reference's own fp32-vs-fp64 distance, or 1e-5 if that is larger."""
-    return max(relative_error(ref32, ref64), 1e-5)
+@pytest.fixture
+def out_dir(tmp_path):
+    """An output folder that does not exist yet: a test that writes nothing leaves it absent or empty."""
+    return tmp_path / "out"

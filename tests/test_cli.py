@@ -1,6 +1,11 @@
-"""python -m wurst: the PNG equals the API's image, its metadata regenerates it, and bad input ends in one line
-on stderr, a non-zero exit and no file."""
+"""python -m wurst and wurst.cli: the PNG equals the API's image and its metadata regenerates it; bad arguments and
+unwritable outputs are refused before any model loads; a failed or interrupted run ends in one line on stderr, a
+non-zero exit and no file (PNG or temporary) left behind; sizes over 2048 and long prompts warn but write the image.
 
+Refusals of damaged or mixed-up repositories are in tests/test_repository.py, those of NaN or inf in
+tests/test_pipeline.py."""
+
+import errno
 import json
 import os
 import shlex
@@ -14,23 +19,28 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_pipeline import PROMPT
+import wurst
+from tests.helpers import (
+    LONG_CUT,
+    LONG_PROMPT,
+    ONE_STEP,
+    PROMPT,
+    ROOT,
+    SHORT_PROMPT,
+    assert_one_line_error,
+    files_in,
+    run_cli,
+    run_module,
+)
 from wurst import Pipeline
-from wurst.cli import main
+from wurst.cli import write_png_atomically
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--height", "256", "--width", "128", "--prior-steps", "3", "--decoder-steps", "12"]
 
 
 @pytest.fixture
 def repos(tiny_prior_repo, tiny_decoder_repo):
     return ["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo)]
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_png_equals_the_api_image_and_its_metadata_regenerates_it(tmp_path, repos, capsys, tiny_prior_repo,
@@ -156,3 +166,187 @@ def test_ctrl_c_exits_cleanly_without_files(tmp_path, repos):
 def test_module_entry_point(tmp_path, repos):
     out = subprocess.run([sys.executable, "-m", "wurst", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "--negative-prompt" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refused before any model loads
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the CLI gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(wurst.Pipeline, "from_pretrained", refuse)
+
+
+# Sizes, steps, guidance, counts: values test_bad_arguments_give_one_line does not try
+
+
+@pytest.mark.parametrize(
+    "args,culprit",
+    [
+        (["--width=100"], "--width must be a multiple of 128, got 100: use 128"),
+        (["--height=129"], "--height must be a multiple of 128, got 129: use 128 or 256"),
+        (["--width=2100"], "--width must be a multiple of 128, got 2100: use 2048 or 2176"),
+        (["--height=0"], "--height must be a positive multiple of 128, got 0"),
+        (["--height=-128"], "--height must be a positive multiple of 128, got -128"),
+        (["--width=-5"], "--width must be a positive multiple of 128, got -5"),
+        (["--prior-steps=-1"], "--prior-steps must be a positive integer, got -1"),
+        (["--decoder-steps=0"], "--decoder-steps must be a positive integer, got 0"),
+        (["--prior-guidance=inf"], "--prior-guidance must be a finite number >= 0, got inf"),
+        (["--prior-guidance=-0.5"], "--prior-guidance must be a finite number >= 0, got -0.5"),
+        (["--decoder-guidance=nan"], "--decoder-guidance must be a finite number >= 0, got nan"),
+        (["--decoder-guidance=inf"], "--decoder-guidance must be a finite number >= 0, got inf"),
+        (["--decoder-guidance=-inf"], "--decoder-guidance must be a finite number >= 0, got -inf"),
+        (["--num-images=-1"], "--num-images must be a positive integer, got -1"),
+    ],
+)
+def test_cli_refuses_bad_numbers_before_loading(args, culprit, out_dir, capsys, no_loading):
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, *args, "--output", out_dir / "x.png"], capsys)
+    assert_one_line_error(code, out, err, culprit, out_dir)
+
+
+def test_cli_refuses_a_missing_prompt(out_dir, capsys, no_loading):
+    code, out, err = run_cli([*ONE_STEP, "--output", out_dir / "x.png"], capsys)
+    assert_one_line_error(code, out, err, "the following arguments are required: prompt", out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Warnings, not errors: sizes over 2048 and prompts over 77 tokens (the API's in tests/test_checks.py)
+
+
+@pytest.mark.parametrize(
+    "prompt,args,warning",
+    [
+        (SHORT_PROMPT, ["--height", "2176"], "wurst: warning: --height 2176 is over 2048"),
+        (LONG_PROMPT, [], f"wurst: warning: prompt is 102 tokens, over the limit of 77: the last {LONG_CUT} tokens "
+                          "were cut"),
+    ],
+    ids=["size-over-2048", "prompt-over-77-tokens"],
+)  # fmt: skip
+def test_cli_warns_but_writes_the_image(prompt, args, warning, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
+    target = out_dir / "x.png"
+    code, out, err = run_cli([prompt, *ONE_STEP, *args, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
+                              "--output", target], capsys)  # fmt: skip
+    assert code == 0, err
+    assert out.strip() == str(target) and files_in(out_dir) == ["x.png"]
+    assert any(line.startswith(warning) for line in err.splitlines()), err
+    assert "error" not in err and "Traceback" not in err
+
+
+def test_cli_warns_once_about_a_size_over_2048(tiny_prior_repo, tiny_decoder_repo, out_dir):
+    result = run_module(["-m", "wurst", SHORT_PROMPT, *ONE_STEP, "--height", "2176", "--prior", tiny_prior_repo,
+                         "--decoder", tiny_decoder_repo, "--output", out_dir / "x.png"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert files_in(out_dir) == ["x.png"]
+    assert [line for line in result.stderr.splitlines() if "2176" in line] == [
+        "wurst: warning: --height 2176 is over 2048, beyond what Würstchen was used at; expect repeated or broken "
+        "structure"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output: refused before loading, atomic writes, no overwriting
+
+
+@pytest.mark.parametrize("case", ["parent-is-a-file", "under-proc", "name-too-long", "directory"])
+def test_cli_unwritable_output_is_refused_before_loading(case, tmp_path, capsys, no_loading):
+    extra = []
+    if case == "parent-is-a-file":
+        (tmp_path / "file").write_text("")
+        target, culprit = tmp_path / "file" / "x.png", f"cannot write to {tmp_path / 'file'}"
+    elif case == "under-proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux /proc")
+        target, culprit = Path("/proc/wurst-test-no-such-folder/x.png"), "cannot write to /proc/wurst-test-no-such"
+    elif case == "name-too-long":
+        name = "x" * 300 + ".png"
+        target, culprit = tmp_path / name, name
+    else:
+        (tmp_path / "x.png").mkdir()
+        target, culprit, extra = tmp_path / "x.png", f"--output {tmp_path / 'x.png'} is a directory", ["--overwrite"]
+    before = files_in(tmp_path)
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--output", target, *extra], capsys)
+    assert_one_line_error(code, out, err, culprit, tmp_path / "none")
+    assert files_in(tmp_path) == before  # and the probe file is gone
+
+
+def test_cli_refuses_when_any_numbered_output_exists(tmp_path, capsys, no_loading):
+    taken = tmp_path / "x-2.png"
+    taken.write_bytes(b"precious")
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--num-images", "2", "--output", tmp_path / "x.png"], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.strip() == f"wurst: error: {taken} already exists: pass --overwrite to replace it, or choose another " \
+                          "--output"  # fmt: skip
+    assert files_in(tmp_path) == ["x-2.png"] and taken.read_bytes() == b"precious"
+
+
+def failing_save(exception: BaseException):
+    """A PIL save that writes part of the file, then fails as a full disk or a Ctrl-C would."""
+
+    def save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n partial")
+        raise exception
+
+    return save
+
+
+@pytest.mark.parametrize("exception", [None, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()],
+                         ids=["ok", "disk-full", "interrupt"])  # fmt: skip
+def test_write_png_atomically_leaves_no_temporary_file(exception, tmp_path, monkeypatch):
+    target = tmp_path / "x.png"
+    if exception is None:
+        write_png_atomically(Image.new("RGB", (8, 8)), target, {"prompt": "ü"})
+        assert files_in(tmp_path) == ["x.png"] and Image.open(target).text["prompt"] == "ü"
+        return
+    monkeypatch.setattr(Image.Image, "save", failing_save(exception))
+    with pytest.raises(type(exception)):
+        write_png_atomically(Image.new("RGB", (8, 8)), target, {})
+    assert files_in(tmp_path) == []
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    monkeypatch.setattr(Image.Image, "save", failing_save(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+
+
+def test_cli_failed_write_leaves_no_file(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys, disk_full):
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
+                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+    assert_one_line_error(code, out, err, "No space left on device", out_dir, progress_ok=True)
+
+
+def test_cli_failed_write_names_the_file(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys, disk_full):
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
+                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+    assert_one_line_error(code, out, err, str(out_dir / "x.png"), out_dir, progress_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interrupts: Ctrl-C while loading, sampling or writing (test_ctrl_c_exits_cleanly_without_files sends a real
+# SIGINT while sampling)
+
+
+@pytest.mark.parametrize("when", ["loading", "sampling", "writing"])
+def test_cli_interrupt_exits_130_without_files(when, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys,
+                                               monkeypatch):  # fmt: skip
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def interrupt_in_decoder(self, stage, *args):
+        if stage == "decoder":
+            raise KeyboardInterrupt
+
+    if when == "loading":
+        monkeypatch.setattr(wurst.Pipeline, "from_pretrained", interrupt)
+    elif when == "sampling":
+        monkeypatch.setattr(wurst.cli.Progress, "__call__", interrupt_in_decoder)
+    else:
+        monkeypatch.setattr(Image.Image, "save", failing_save(KeyboardInterrupt()))
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
+                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+    assert_one_line_error(code, out, err, "no image was written", out_dir, exit_code=130,
+                          prefix="wurst: interrupted", progress_ok=True)  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from tests.conftest import parity_bound, relative_error
+from tests.helpers import parity_bound, relative_error
 from tests.prompts import PROMPTS
 from tools import hub_fixtures
 from wurst import CLIPTokenizer, PromptTruncatedWarning, load_clip_text_encoder

@@ -1,7 +1,11 @@
 """tools/convert_weights.py: the compact wurst layout loads through Pipeline.from_pretrained and gives identical
-images; casts, Stage C interpolation and refusals."""
+images; casts, Stage C interpolation and refusals: an existing output, and original-format .pt files that are not
+plain tensors (weights-only loading refuses them in one line, runs nothing and writes nothing)."""
 
 import json
+import pickle
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +13,7 @@ from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.test_pipeline import PROMPT
+from tests.helpers import PROMPT, ROOT, RunsCode, files_in, run_module
 from tools import convert_weights, hub_fixtures
 from wurst import ModelNotFoundError, Pipeline, Prior
 
@@ -113,3 +117,71 @@ def test_existing_output_is_refused(tmp_path, tiny_prior_repo, tiny_decoder_repo
 def test_converted_kinds_are_not_mixed_up(converted):
     with pytest.raises(ModelNotFoundError, match="holds a converted decoder, not the prior"):
         Prior.from_pretrained(converted / "decoder")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Original-format .pt files through tools/convert_weights.py: weights-only loading, one line, nothing written
+
+
+def code_running_checkpoint(folder: Path, form: str) -> tuple[Path, Path]:
+    """A .pt file that would run a shell command when unpickled without weights_only: a plain pickle, or a
+    torch.save zip file whose state dict is real but which carries one more object. Returns (file, marker)."""
+    marker, path = folder / "code-ran", folder / f"{form}.pt"
+    if form == "plain":
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": RunsCode(marker)}, f)
+    else:
+        torch.save({"ema_state_dict": {"projection.weight": torch.zeros(1)}, "extra": RunsCode(marker)}, path)
+    return path, marker
+
+
+def convert_args(prior, decoder, out, flag, path):
+    return ["--prior", str(prior), "--decoder", str(decoder), "--out", str(out), flag, str(path)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch notes the unusual protocol of a plain pickle
+@pytest.mark.parametrize("form", ["plain", "zip"])
+def test_convert_refuses_code_running_pickles(form, tmp_path, tiny_prior_repo, tiny_decoder_repo, capsys):
+    path, marker = code_running_checkpoint(tmp_path, form)
+    out = tmp_path / "converted"
+    code = convert_weights.main(convert_args(tiny_prior_repo, tiny_decoder_repo, out, "--stage-c", path))
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("convert_weights: error: ")
+    assert f"{path} is corrupt or holds more than tensors, which weights-only loading refuses" in captured.err
+    assert not marker.exists()
+    assert files_in(out) == []
+
+
+@pytest.mark.parametrize("form", ["plain", "zip"])
+def test_convert_refusal_is_one_line_in_a_real_process(form, tmp_path, tiny_prior_repo, tiny_decoder_repo):
+    path, marker = code_running_checkpoint(tmp_path, form)
+    out = tmp_path / "converted"
+    result = run_module([ROOT / "tools" / "convert_weights.py",
+                         *convert_args(tiny_prior_repo, tiny_decoder_repo, out, "--stage-c", path)])  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert str(path) in result.stderr and not marker.exists()
+    assert files_in(out) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("form", ["plain", "zip"])
+def test_convert_refusal_names_the_refused_callable(form, tmp_path, tiny_prior_repo, tiny_decoder_repo, capsys):
+    path, _ = code_running_checkpoint(tmp_path, form)
+    code = convert_weights.main(convert_args(tiny_prior_repo, tiny_decoder_repo, tmp_path / "out", "--stage-c", path))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"\b(posix|nt|os)\.system\b", err) and "will likely succeed" not in err, err
+
+
+@pytest.mark.parametrize("flag", ["--stage-b", "--stage-a"])
+def test_convert_refuses_a_bad_decoder_file_before_writing(flag, tmp_path, tiny_prior_repo, tiny_decoder_repo,
+                                                           capsys):  # fmt: skip
+    path, marker = code_running_checkpoint(tmp_path, "zip")
+    out = tmp_path / "converted"
+    code = convert_weights.main(convert_args(tiny_prior_repo, tiny_decoder_repo, out, flag, path))
+    captured = capsys.readouterr()
+    assert code == 2 and str(path) in captured.err and not marker.exists()
+    assert files_in(out) == [] and captured.out == ""

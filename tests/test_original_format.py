@@ -10,7 +10,7 @@ import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
 from tests import original_modules as original
-from tests.conftest import parity_bound, relative_error
+from tests.helpers import RunsCode, parity_bound, relative_error
 from tools import hub_fixtures
 from tools.original_format import interpolate, original_config, published_config, read_original, to_hub_names
 from wurst import CheckpointError, ConfigError, ModelNotFoundError, stage_a, stage_b, stage_c
@@ -265,16 +265,6 @@ def test_files_without_a_state_dict_of_the_kind_are_refused(tmp_path):
         read_original(tmp_path / "vqgan.pt", "decoder")
     with pytest.raises(ValueError, match="kind"):
         read_original(tmp_path / "vqgan.pt", "stage_b")
-
-
-class RunsCode:
-    """Unpickling this would call os.system."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

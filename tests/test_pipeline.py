@@ -1,20 +1,34 @@
 """The whole pipeline: seed parity of wurst.Pipeline with diffusers' WuerstchenCombinedPipeline (assembled from
-components), wurst.generate, output types and the step callback."""
+components), wurst.generate, output types, the step callback, low-memory mode and torch.compile, and NaN or inf in
+the latents or the image stopping the run (NumericalError through the API, one line and no file through the CLI)."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import wurst
-from tests.test_stage_b import assert_images_informative
+from tests.helpers import (
+    INF,
+    NAN,
+    ONE_STEP,
+    OTHER,
+    PROMPT,
+    SHORT_PROMPT,
+    SMALL,
+    WEIGHTS,
+    assert_images_informative,
+    assert_one_line_error,
+    edit_weights,
+    run_cli,
+)
 from tools import hub_fixtures, reference
-from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, Pipeline
+from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, NumericalError, Pipeline, WurstError
 from wurst.pipeline import OnDemand
-
-PROMPT, OTHER = "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting"
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +167,60 @@ def test_size_over_2048_warns(tiny_pair):
     ours, _ = tiny_pair
     with pytest.warns(UserWarning, match="width 2176 is over 2048"):
         ours.prior.latent_size(128, 2176)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerics: NaN or inf in the latents
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("stage", ["prior", "decoder"])
+def test_api_non_finite_latents_stop_with_advice(stage, value, pipe, monkeypatch):
+    def non_finite(x, *args, **kwargs):
+        return torch.full_like(x, value)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generation went on after the latents turned non-finite")
+
+    monkeypatch.setattr((pipe.prior if stage == "prior" else pipe.decoder).model, "forward", non_finite)
+    if stage == "prior":
+        monkeypatch.setattr(pipe.decoder.model, "forward", refuse)
+    monkeypatch.setattr(pipe.decoder, "decode", refuse)
+    with pytest.raises(NumericalError) as info:
+        pipe(SHORT_PROMPT, **SMALL)
+    message = str(info.value)
+    assert isinstance(info.value, WurstError) and "\n" not in message
+    assert {"prior": "Stage C", "decoder": "Stage B"}[stage] in message and "NaN or inf" in message
+    assert "use bfloat16 or float32" in message
+
+
+def nan_weight_copy(repo: Path, folder: Path, component: str, name: str) -> Path:
+    copy = folder / repo.name
+    shutil.copytree(repo, copy)
+    edit_weights(copy / component / WEIGHTS, lambda s: s.__setitem__(name, torch.full_like(s[name], NAN)))
+    return copy
+
+
+def test_cli_nan_weight_stops_without_writing(tmp_path, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
+    prior = nan_weight_copy(tiny_prior_repo, tmp_path, "prior", "projection.weight")
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", prior, "--decoder", tiny_decoder_repo,
+                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+    line = assert_one_line_error(code, out, err, "the Stage C latents hold NaN or inf", out_dir, progress_ok=True)
+    assert "use bfloat16 or float32" in line
+
+
+def test_api_nan_image_from_the_vqgan_is_refused(tmp_path, tiny_prior_repo, tiny_decoder_repo):
+    decoder = nan_weight_copy(tiny_decoder_repo, tmp_path, "vqgan", "out_block.0.bias")
+    pipe = Pipeline.from_pretrained(tiny_prior_repo, decoder, device="cpu")
+    with pytest.raises(NumericalError):
+        pipe(SHORT_PROMPT, **{**SMALL, "output_type": "pil"})
+
+
+def test_cli_nan_image_from_the_vqgan_is_not_saved(tmp_path, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
+    decoder = nan_weight_copy(tiny_decoder_repo, tmp_path, "vqgan", "out_block.0.bias")
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", decoder,
+                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+    assert_one_line_error(code, out, err, "NaN", out_dir, progress_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,11 +9,9 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt
 
-from tests.conftest import parity_bound, relative_error
+from tests.helpers import OTHER, PROMPT, assert_images_informative, parity_bound, relative_error
 from tools import hub_fixtures, reference
 from wurst import Decoder, ModelNotFoundError, load_stage_a, load_stage_b
-
-PROMPT, OTHER = "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting"
 
 
 @torch.no_grad()
@@ -133,13 +131,6 @@ def run_both(ours, ref, image_embeddings, prompt, seed=7, **kwargs):
     expected = ref(image_embeddings, prompt, generator=torch.Generator().manual_seed(seed), output_type="pt",
                    **kwargs).images  # fmt: skip
     return got, expected
-
-
-def assert_images_informative(images):
-    """A parity test on saturated or flat images proves little."""
-    clamped = ((images <= 0) | (images >= 1)).float().mean().item()
-    assert clamped < 0.01, f"{clamped:.1%} of pixels at the clamp"
-    assert images.std() > 0.02
 
 
 # Output size -> Stage C embedding size: ceil(H / 42.67), and back through int(h * 10.67) * 4.

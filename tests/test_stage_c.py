@@ -9,11 +9,9 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
-from tests.conftest import parity_bound, relative_error
+from tests.helpers import OTHER, PROMPT, parity_bound, relative_error
 from tools import hub_fixtures, reference
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, Prior, load_stage_c
-
-PROMPT, OTHER = "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting"
 
 
 @torch.no_grad()

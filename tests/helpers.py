@@ -1,0 +1,112 @@
+"""Constants and plain functions shared by several test modules: prompts, the parity tolerance, the CLI harness
+(in-process and in a subprocess) and file helpers. Fixtures live in tests/conftest.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from wurst.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------------------
+# Constants
+
+# The prompts of the parity and pipeline tests.
+PROMPT, OTHER = "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting"
+
+# The prompt, CLI arguments and API arguments of the quickest run: the refusal, warning and numerics tests.
+SHORT_PROMPT = "a cat in a fire fighter's helmet"
+ONE_STEP = ["--height", "128", "--width", "128", "--prior-steps", "1", "--decoder-steps", "1"]
+SMALL = dict(height=128, width=128, prior_num_inference_steps=1, num_inference_steps=1, output_type="pt")
+# "cat" is one CLIP token: start + 100 + end = 102 tokens, 25 over the limit of 77.
+LONG_PROMPT, LONG_CUT = "cat " * 100, 25
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# The one-line progress report a finished stage prints on a non-tty stderr (not an error line).
+PROGRESS = re.compile(r"^\s*(prior|decoder) \[#* *\] \d+/\d+ \d+\.\d+s$")
+NAN, INF = float("nan"), float("inf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((ours.double() - ref).norm() / ref.norm()).item()
+
+
+def parity_bound(ref32: torch.Tensor, ref64: torch.Tensor) -> float:
+    """The tolerance the issues set: the reference's own fp32-vs-fp64 distance, or 1e-5 if that is larger."""
+    return max(relative_error(ref32, ref64), 1e-5)
+
+
+def assert_images_informative(images):
+    """A parity test on saturated or flat images proves little."""
+    clamped = ((images <= 0) | (images >= 1)).float().mean().item()
+    assert clamped < 0.01, f"{clamped:.1%} of pixels at the clamp"
+    assert images.std() > 0.02
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI and its output
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_module(args, env=None, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=120)  # fmt: skip
+
+
+def files_in(folder: Path) -> list[str]:
+    """Every file (PNG, temporary or probe) under `folder`, hidden ones included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()) if folder.exists() else []
+
+
+def assert_one_line_error(code, out, err, culprit, folder, *, exit_code=2, prefix="wurst: error: ",
+                          progress_ok=False):  # fmt: skip
+    """A non-zero exit, exactly one line on stderr (besides the progress lines of stages that finished, when
+    `progress_ok`), naming `culprit`, no traceback, nothing on stdout and no file in `folder`."""
+    assert code == exit_code, err
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if not (progress_ok and PROGRESS.match(line))]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(prefix), err
+    assert culprit in lines[0], err
+    assert out == ""
+    assert files_in(folder) == []
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged and hostile files
+
+
+def edit_weights(path: Path, edit) -> None:
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
+class RunsCode:
+    """Unpickling this would call os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
