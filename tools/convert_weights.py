@@ -30,16 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import wurst  # noqa: E402
 from tools import original_format  # noqa: E402
-from wurst import pipeline as wp  # noqa: E402
-from wurst import stage_a, stage_b, stage_c  # noqa: E402
-from wurst.loader import ALIGNMENT, config_from_dict, load_module, read_weights, resolve, weight_files  # noqa: E402
+from wurst.components import COMPONENTS  # noqa: E402
+from wurst.loader import ALIGNMENT, config_from_dict, load_module, read_weights, weight_files  # noqa: E402
+from wurst.repository import CONVERTED_INDEX, KINDS, MODEL_CARD, Repository, read_repository  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# kind -> (wurst model name, module file, hub component folder)
-STAGES = {"prior": ("stage_c", stage_c, "prior"), "decoder": ("stage_b", stage_b, "decoder"),
-          "vqgan": ("stage_a", stage_a, "vqgan")}  # fmt: skip
-CONFIG_CLASSES = {"prior": stage_c.StageCConfig, "decoder": stage_b.StageBConfig, "vqgan": stage_a.StageAConfig}
-MODEL_CLASSES = {"prior": stage_c.StageC, "decoder": stage_b.StageB, "vqgan": stage_a.StageA}
 
 
 def read_stage(source: str, kind: str, base: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -56,20 +51,20 @@ def read_stage(source: str, kind: str, base: dict) -> tuple[dict, dict[str, torc
 
 def load_stage(source: str, kind: str, replaced: torch.nn.Module) -> torch.nn.Module:
     config, state = read_stage(source, kind, dataclasses.asdict(replaced.config))
-    _, module, _ = STAGES[kind]
-    cfg = config_from_dict(CONFIG_CLASSES[kind], config, source)
-    return load_module(lambda: MODEL_CLASSES[kind](cfg), state, module.CHECKPOINT_KEYS, source)
+    spec = COMPONENTS[kind]
+    cfg = config_from_dict(spec.config_cls, config, source)
+    return load_module(lambda: spec.model_cls(cfg), state, spec.key_map, source)
 
 
 def interpolated_stage_c(a: str, b: str, alpha: float, replaced: torch.nn.Module) -> torch.nn.Module:
     base = dataclasses.asdict(replaced.config)
     (config_a, state_a), (config_b, state_b) = read_stage(a, "prior", base), read_stage(b, "prior", base)
-    cfg_a = config_from_dict(stage_c.StageCConfig, config_a, a)
-    cfg_b = config_from_dict(stage_c.StageCConfig, config_b, b)
+    spec = COMPONENTS["prior"]
+    cfg_a, cfg_b = config_from_dict(spec.config_cls, config_a, a), config_from_dict(spec.config_cls, config_b, b)
     if cfg_a != cfg_b:
         raise wurst.ConfigError(f"cannot interpolate {a} and {b}: their Stage C configs differ")
     blended = original_format.interpolate(state_a, state_b, alpha)
-    return load_module(lambda: stage_c.StageC(cfg_a), blended, stage_c.CHECKPOINT_KEYS, f"{a} + {b}")
+    return load_module(lambda: spec.model_cls(cfg_a), blended, spec.key_map, f"{a} + {b}")
 
 
 def cast_state(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -105,39 +100,40 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
             f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def write_repo(out: Path, kind: str, models: dict[str, torch.nn.Module], pipeline_config: object,
-               scheduler: wp.SchedulerConfig, tokenizer_dir: Path, dtype: torch.dtype | None) -> dict:  # fmt: skip
-    """Write one converted folder through a temporary name, so a failure leaves no half-made folder."""
-    target, partial = out / kind, out / f".{kind}.partial"
+def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], dtype: torch.dtype | None) -> dict:
+    """Write one converted folder under a temporary name and swap it in only when complete, so a failure
+    leaves neither a half-made folder nor a lost old one."""
+    target, partial, old = out / repo.kind, out / f".{repo.kind}.partial", out / f".{repo.kind}.old"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     written = {}
     for name, model in models.items():
         written[name] = cast_state(model, dtype)
-        save_aligned(written[name], partial / f"{name}.safetensors")
+        save_aligned(written[name], partial / f"{COMPONENTS[name].converted_name}.safetensors")
     index = {
-        "format": "wurst", "version": 1, "kind": kind,
-        "pipeline": dataclasses.asdict(pipeline_config), "scheduler": dataclasses.asdict(scheduler),
-        "models": {name: dataclasses.asdict(model.config) for name, model in models.items()},
+        "format": "wurst", "version": 1, "kind": repo.kind,
+        "pipeline": dataclasses.asdict(repo.pipeline_config), "scheduler": dataclasses.asdict(repo.scheduler),
+        "models": {COMPONENTS[name].converted_name: dataclasses.asdict(model.config) for name, model in models.items()},
     }  # fmt: skip
-    (partial / wp.CONVERTED_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    shutil.copytree(tokenizer_dir, partial / "tokenizer")
-    shutil.rmtree(target, ignore_errors=True)
+    (partial / CONVERTED_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if repo.kind == "decoder":  # the model card that names the prior, as the hub's does (a path from here)
+        (partial / MODEL_CARD).write_text("---\nprior:\n- ../prior\n---\n")
+    shutil.copytree(repo.folder / "tokenizer", partial / "tokenizer")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
     partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
     return written
 
 
 def verify(folder: Path, kind: str, written: dict[str, dict[str, torch.Tensor]]) -> None:
-    loaded = (wurst.Prior if kind == "prior" else wurst.Decoder).from_pretrained(folder, device="cpu", dtype=None)
-    if kind == "prior":
-        models = {"stage_c": loaded.model, "text_encoder": loaded.text_encoder}
-    else:
-        models = {"stage_b": loaded.model, "stage_a": loaded.vqgan, "text_encoder": loaded.text_encoder}
+    reread = read_repository(folder, kind)
     for name, state in written.items():
-        reloaded = models[name].state_dict()
+        reloaded = reread.load(name, dtype=None, device="cpu").state_dict()
         for key, tensor in state.items():
             if not torch.equal(reloaded[key].to(tensor.dtype), tensor):
-                raise wurst.CheckpointError(f"{folder}: {name}.safetensors tensor {key!r} did not survive reloading")
+                raise wurst.CheckpointError(f"{folder}: {name} tensor {key!r} did not survive reloading")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,28 +170,24 @@ def convert(args: argparse.Namespace) -> None:
 
     # Read and check every input before writing anything, so that a bad file leaves no half conversion.
     # Weights stay memory-mapped until written, so holding both repositories costs little memory.
-    prior = wurst.Prior.from_pretrained(args.prior, device="cpu", dtype=torch.float32)
+    repos = {"prior": read_repository(args.prior, "prior"), "decoder": read_repository(args.decoder, "decoder")}
+    models = {kind: {name: repo.load(name, dtype=torch.float32, device="cpu") for name in KINDS[kind].components}
+              for kind, repo in repos.items()}  # fmt: skip
     if args.stage_c:
-        prior.model = load_stage(args.stage_c, "prior", prior.model)
+        models["prior"]["prior"] = load_stage(args.stage_c, "prior", models["prior"]["prior"])
     elif args.interpolate:
-        prior.model = interpolated_stage_c(*args.interpolate, args.alpha, prior.model)
-    decoder = wurst.Decoder.from_pretrained(args.decoder, device="cpu", dtype=torch.float32)
+        models["prior"]["prior"] = interpolated_stage_c(*args.interpolate, args.alpha, models["prior"]["prior"])
     if args.stage_b:
-        decoder.model = load_stage(args.stage_b, "decoder", decoder.model)
+        models["decoder"]["decoder"] = load_stage(args.stage_b, "decoder", models["decoder"]["decoder"])
     if args.stage_a:
-        decoder.vqgan = load_stage(args.stage_a, "vqgan", decoder.vqgan)
+        models["decoder"]["vqgan"] = load_stage(args.stage_a, "vqgan", models["decoder"]["vqgan"])
 
-    written = write_repo(out, "prior", {"stage_c": prior.model, "text_encoder": prior.text_encoder}, prior.config,
-                         prior.scheduler, resolve(args.prior) / "tokenizer", dtype)  # fmt: skip
-    verify(out / "prior", "prior", written)
-    print(out / "prior")
-    del prior, written
+    for kind, repo in repos.items():
+        written = write_repo(out, repo, models.pop(kind), dtype)
+        verify(out / kind, kind, written)
+        print(out / kind)
+        del written
 
-    models = {"stage_b": decoder.model, "stage_a": decoder.vqgan, "text_encoder": decoder.text_encoder}
-    written = write_repo(out, "decoder", models, decoder.config, decoder.scheduler,
-                         resolve(args.decoder) / "tokenizer", dtype)  # fmt: skip
-    verify(out / "decoder", "decoder", written)
-    print(out / "decoder")
 
 if __name__ == "__main__":
     raise SystemExit(main())

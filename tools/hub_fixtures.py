@@ -237,6 +237,8 @@ def ensure(size: str, repo: str, components: tuple[str, ...] | None = None) -> P
         if stale != root:
             shutil.rmtree(stale, ignore_errors=True)
     shutil.copyfile(CONFIGS / hub_name / "model_index.json", repo_dir / "model_index.json")
+    if (CONFIGS / hub_name / "README.md").is_file():  # the decoder's model card, which names its prior
+        shutil.copyfile(CONFIGS / hub_name / "README.md", repo_dir / "README.md")
     # The prior repo carries the tokenizer.json layout and the decoder repo the older vocab/merges layout,
     # so that the pipeline exercises both.
     layout = "json" if repo == "prior" else "legacy"
@@ -269,3 +271,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def offline_hub_cache(cache_dir: Path, size: str = "tiny") -> Path:
+    """A Hugging Face hub cache (the layout of HF_HUB_CACHE) holding the fixtures under the real hub ids,
+    warp-ai/wuerstchen-prior and warp-ai/wuerstchen, so that code naming those ids runs offline on them.
+    Each snapshot is a link to the fixture folder. Returns cache_dir."""
+    commit = "0" * 40
+    for repo in REPOS:
+        hub_name = REPOS[repo][0]
+        repo_cache = cache_dir / f"models--warp-ai--{hub_name}"
+        (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_cache / "refs" / "main").write_text(commit)
+        (repo_cache / "snapshots").mkdir(exist_ok=True)
+        snapshot = repo_cache / "snapshots" / commit
+        if not snapshot.exists():
+            snapshot.symlink_to(ensure(size, repo), target_is_directory=True)
+    return cache_dir

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
+from wurst.components import COMPONENTS
 from wurst.errors import CheckpointError, ConfigError, ModelNotFoundError
 
-KINDS = ("prior", "decoder", "vqgan")
+KINDS = tuple(name for name in COMPONENTS if name != "text_encoder")  # the three stages
 
 # Top-level keys that may hold the weights, preferred first. The prior's sampling weights are its EMA; the
 # decoder and VQGAN were trained without one (and the hub decoder was converted from `state_dict`).

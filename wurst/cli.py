@@ -13,7 +13,6 @@ import re
 import shlex
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -108,61 +107,41 @@ def write_png_atomically(image, path: Path, metadata: dict[str, str]) -> None:
         raise
 
 
-class Progress:
-    """A one-line progress bar per stage on stderr, driven by the pipeline's step callback."""
-
-    def __init__(self, totals: dict[str, int]):
-        self.totals, self.start = totals, time.perf_counter()
-
-    def __call__(self, stage: str, step: int, timestep: float, latents) -> None:
-        total, done = self.totals[stage], step + 1
-        if step == 0:
-            self.start = time.perf_counter()
-        bar = "#" * (30 * done // total)
-        elapsed = time.perf_counter() - self.start
-        line = f"{stage:>7} [{bar:<30}] {done}/{total} {elapsed:.1f}s"
-        if sys.stderr.isatty():
-            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif done == total:  # a log file gets one line per stage
-            print(line, file=sys.stderr, flush=True)
-
-
 def run(argv: list[str]) -> list[Path]:
     args = build_parser().parse_args(argv)
     import torch
 
     import wurst
-    from wurst import pipeline as wp
-    from wurst import sampler
+    from wurst import checks
+    from wurst.pipeline import default_device, default_dtype, load_pipeline
+    from wurst.pipeline_base import parse_device
 
     # Cheap checks first: arguments, then the output location.
-    wp.check_size("--height", args.height), wp.check_size("--width", args.width)
-    wp.check_count("--num-images", args.num_images)
-    sampler.check_guidance("--prior-guidance", args.prior_guidance)
-    sampler.check_guidance("--decoder-guidance", args.decoder_guidance)
+    checks.check_size("--height", args.height), checks.check_size("--width", args.width)
+    checks.check_count("--num-images", args.num_images)
+    checks.check_guidance("--prior-guidance", args.prior_guidance)
+    checks.check_guidance("--decoder-guidance", args.decoder_guidance)
     for name, steps in (("--prior-steps", args.prior_steps), ("--decoder-steps", args.decoder_steps)):
-        if steps is not None and steps <= 0:
-            raise UsageError(f"{name} must be a positive integer, got {steps}")
+        if steps is not None:
+            checks.check_count(name, steps)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     paths = output_paths(args.output, args.prompt, seed, args.num_images)
     check_writable(paths, args.overwrite)
-    device = torch.device(args.device) if args.device else wp.default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else wp.default_dtype(device)
+    device = parse_device(args.device, "--device") if args.device else default_device()
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
 
-    pipe = wurst.Pipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype,
-                                          low_memory=args.low_memory)  # fmt: skip
-    prior_steps = args.prior_steps or len(sampler.DEFAULT_STAGE_C_TIMESTEPS) - 1
+    pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
+                         low_memory=args.low_memory)  # fmt: skip
+    prior_schedule = {"prior_num_inference_steps": args.prior_steps} if args.prior_steps else \
+        {"prior_timesteps": wurst.DEFAULT_STAGE_C_TIMESTEPS}  # fmt: skip
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", wp.LargeSizeWarning)  # already said above, under the option's name
+        warnings.simplefilter("ignore", checks.LargeSizeWarning)  # already said above, under the option's name
         images = pipe(
             args.prompt, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
-            num_images_per_prompt=args.num_images, prior_num_inference_steps=args.prior_steps,
-            prior_guidance_scale=args.prior_guidance, num_inference_steps=args.decoder_steps,
-            decoder_guidance_scale=args.decoder_guidance, generator=torch.Generator("cpu").manual_seed(seed),
-            callback_on_step_end=Progress({"prior": prior_steps, "decoder": args.decoder_steps}),
-        )  # fmt: skip
+            num_images_per_prompt=args.num_images, prior_guidance_scale=args.prior_guidance,
+            num_inference_steps=args.decoder_steps, decoder_guidance_scale=args.decoder_guidance,
+            generator=torch.Generator("cpu").manual_seed(seed), **prior_schedule,
+        ).images  # fmt: skip
 
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
@@ -194,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wurst: interrupted; no image was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, WurstError, ValueError, OSError) as e:
+    except (UsageError, WurstError, OSError) as e:
         if isinstance(e, OSError) and e.strerror:  # without the "[Errno N]" prefix
             e = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
         print(f"wurst: error: {e}", file=sys.stderr)

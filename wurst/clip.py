@@ -5,14 +5,13 @@ included, to its denoisers, so the padding mask must be applied exactly as in tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Linear
-from .loader import KeyMap, load_module, read_config, read_weights, weight_files
+from .loader import KeyMap
 
 
 @dataclass(frozen=True)
@@ -107,14 +106,3 @@ CHECKPOINT_KEYS = KeyMap(
     ignore=["text_model.embeddings.position_ids"],
     optional_prefix="text_model.",
 )
-
-
-def load_clip_text_encoder(
-    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> CLIPTextEncoder:
-    """Load a hub `text_encoder/` folder (model.safetensors, or its sharded or fp16 forms)."""
-    folder = Path(folder)
-    cfg = read_config(CLIPTextConfig, folder / "config.json")
-    files = weight_files(folder, "model")
-    source = ", ".join(str(f) for f in files) if len(files) < 3 else f"{folder}/{files[0].name}..."
-    return load_module(lambda: CLIPTextEncoder(cfg), read_weights(files), CHECKPOINT_KEYS, source, dtype, device)

@@ -9,6 +9,10 @@ class ModelNotFoundError(WurstError, FileNotFoundError):
     """A model reference (hub id or directory) that cannot be found or is not in hub layout."""
 
 
+class ArgumentError(WurstError, ValueError):
+    """A call argument or option that cannot work: a size off the grid, a bad step count, mismatched prompts."""
+
+
 class ConfigError(WurstError, ValueError):
     """A config.json that is not valid JSON or lacks a field."""
 

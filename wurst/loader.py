@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import mmap
-import os
 import re
 import struct
 import typing
@@ -24,37 +23,6 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
-
-# ---------------------------------------------------------------------------------------------------------
-# Model references
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve(ref: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """Return the local directory of a model: `ref` itself if it is a directory, else a hub id fetched
-    through the huggingface_hub cache (only the files matching `allow_patterns`)."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    text = str(ref)
-    if not _HUB_ID.match(text):
-        raise ModelNotFoundError(f"model directory not found: {text}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=allow_patterns))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise ModelNotFoundError(
-            f"{text} is neither a local directory nor in the Hugging Face cache, and the hub cannot be "
-            f"reached (offline): "
-            f"download it on a connected machine with `hf download {text}`, or pass a local directory"
-        ) from e
-    except HfHubHTTPError as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelNotFoundError(f"cannot fetch {text} from the hub: {first_line}") from e
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Configs

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .errors import ArgumentError
 
 # The schedule the Würstchen authors recommend for Stage C: 20 steps from 1 to 2/3, then 10 from 2/3 to 0.
 DEFAULT_STAGE_C_TIMESTEPS: list[float] = [float(t) for t in np.linspace(1.0, 2 / 3, 20)] + [
@@ -44,23 +47,17 @@ def make_timesteps(
     if timesteps is not None:
         values = [float(t) for t in timesteps]
         if len(values) < 2:
-            raise ValueError(f"{timesteps_name} must hold at least two values, got {len(values)}")
+            raise ArgumentError(f"{timesteps_name} must hold at least two values, got {len(values)}")
         if any(not (0.0 <= t <= 1.0) for t in values):
-            raise ValueError(f"{timesteps_name} must lie within [0, 1], got {values}")
+            raise ArgumentError(f"{timesteps_name} must lie within [0, 1], got {values}")
         if any(a <= b for a, b in zip(values, values[1:], strict=False)):
-            raise ValueError(f"{timesteps_name} must be strictly descending, got {values}")
+            raise ArgumentError(f"{timesteps_name} must be strictly descending, got {values}")
         return torch.tensor(values, dtype=torch.float32)
     if num_steps is None:
-        raise ValueError(f"give {steps_name} or {timesteps_name}")
+        raise ArgumentError(f"give {steps_name} or {timesteps_name}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
-        raise ValueError(f"{steps_name} must be a positive integer, got {num_steps!r}")
+        raise ArgumentError(f"{steps_name} must be a positive integer, got {num_steps!r}")
     return torch.linspace(1.0, 0.0, num_steps + 1)
-
-
-def check_guidance(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def randn(
@@ -73,7 +70,7 @@ def randn(
     generators, one draw of the per-item shape from each."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+            raise ArgumentError(f"got {len(generator)} generators for a batch of {shape[0]}")
         return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
     draw_device = generator.device if generator is not None else torch.device(device)
     return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=draw_device).to(device)
@@ -90,8 +87,17 @@ def ddpm_step(
     alpha = abar / abar_prev
     mean = (1.0 / alpha).sqrt() * (x - (1 - alpha) * eps / (1 - abar).sqrt())
     std = ((1 - alpha) * (1.0 - abar_prev) / (1.0 - abar)).sqrt()
-    last = (t_prev != 0).float().view(view)  # no noise is added on the step that lands on 0
-    return (mean + std * noise * last).to(eps.dtype)
+    adds_noise = (t_prev != 0).float().view(view)  # 0 on the step that lands on t = 0, which adds none
+    return (mean + std * noise * adds_noise).to(eps.dtype)
+
+
+@dataclass
+class Step:
+    """One finished sampler step. Assigning `latents` replaces what the next step starts from."""
+
+    index: int
+    t: torch.Tensor  # the timestep the step started at
+    latents: torch.Tensor  # after the step
 
 
 def sample_steps(
@@ -101,9 +107,9 @@ def sample_steps(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     s: float = 0.008,
     scaler: float = 1.0,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Run the reverse process from `latents` at timesteps[0] to timesteps[-1], yielding
-    (step index, t, latents after the step) so callers can watch, record or stop."""
+) -> Iterator[Step]:
+    """Run the reverse process from `latents` at timesteps[0] to timesteps[-1], yielding each Step so callers
+    can watch, record or edit the latents."""
     batch, dtype, device = latents.shape[0], latents.dtype, latents.device
     steps = len(timesteps) - 1
     # Every step's noise is drawn up front, in the order diffusers draws it (nothing else uses the generator
@@ -111,11 +117,12 @@ def sample_steps(
     noises = torch.stack([randn(latents.shape, generator, dtype, device) for _ in range(steps)])
     on_device = timesteps.to(device)
     for i in range(steps):
-        r = on_device[i].expand(batch).to(dtype)  # the model sees r in its own dtype
+        r = on_device[i].expand(batch).to(latents.dtype)  # the model sees r in its own dtype
         eps = denoise(latents, r)
         t_prev = on_device[i + 1].expand(batch)
-        latents = ddpm_step(latents, eps, r, t_prev, noises[i], s, scaler)
-        yield i, timesteps[i], latents
+        step = Step(i, timesteps[i], ddpm_step(latents, eps, r, t_prev, noises[i], s, scaler))
+        yield step
+        latents = step.latents
 
 
 def sample(
@@ -126,10 +133,9 @@ def sample(
     s: float = 0.008,
     scaler: float = 1.0,
 ) -> torch.Tensor:
-    result = latents
-    for _, _, stepped in sample_steps(denoise, latents, timesteps, generator, s, scaler):
-        result = stepped
-    return result
+    for step in sample_steps(denoise, latents, timesteps, generator, s, scaler):
+        latents = step.latents
+    return latents
 
 
 def guided(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance_scale: float) -> Denoiser:

@@ -8,14 +8,13 @@ encoder and the codebook are here too, for encoding images (image-to-image, reco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Linear
-from .loader import KeyMap, load_module, read_config, read_weights, weight_files
+from .loader import KeyMap
 
 
 @dataclass(frozen=True)
@@ -138,14 +137,3 @@ CHECKPOINT_KEYS = KeyMap(
         ("out_block.0.{}", "out_conv.{}"),
     ]
 )
-
-
-def load_stage_a(
-    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> StageA:
-    """Load a hub `vqgan/` folder (diffusion_pytorch_model.safetensors, or its sharded or fp16 forms)."""
-    folder = Path(folder)
-    cfg = read_config(StageAConfig, folder / "config.json")
-    files = weight_files(folder, "diffusion_pytorch_model")
-    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    return load_module(lambda: StageA(cfg), read_weights(files), CHECKPOINT_KEYS, source, dtype, device)

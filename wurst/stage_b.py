@@ -9,7 +9,6 @@ levels (320/640/1280/1280 wide, 4/4/14/4 repeats), so 1024x1024 images run at 12
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import nn
 
 from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
 from .errors import ConfigError
-from .loader import KeyMap, load_module, read_config, read_weights, weight_files
+from .loader import KeyMap
 
 
 @dataclass(frozen=True)
@@ -219,14 +218,3 @@ CHECKPOINT_KEYS = KeyMap(
         ("clf.1.{}", "head.{}"),
     ]
 )
-
-
-def load_stage_b(
-    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> StageB:
-    """Load a hub `decoder/` folder (diffusion_pytorch_model.safetensors, or its sharded or fp16 forms)."""
-    folder = Path(folder)
-    cfg = read_config(StageBConfig, folder / "config.json")
-    files = weight_files(folder, "diffusion_pytorch_model")
-    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    return load_module(lambda: StageB(cfg), read_weights(files), CHECKPOINT_KEYS, source, dtype, device)

@@ -4,14 +4,13 @@ ResBlock -> TimestepBlock -> AttnBlock at one resolution, predicting the noise i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
-from .loader import KeyMap, load_module, read_config, read_weights, weight_files
+from .loader import KeyMap
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,3 @@ CHECKPOINT_KEYS = KeyMap(
         ("out.1.{}", "head.{}"),
     ]
 )
-
-
-def load_stage_c(
-    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> StageC:
-    """Load a hub `prior/` folder (diffusion_pytorch_model.safetensors, or its sharded or fp16 forms)."""
-    folder = Path(folder)
-    cfg = read_config(StageCConfig, folder / "config.json")
-    files = weight_files(folder, "diffusion_pytorch_model")
-    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    return load_module(lambda: StageC(cfg), read_weights(files), CHECKPOINT_KEYS, source, dtype, device)

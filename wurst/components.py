@@ -1,0 +1,80 @@
+"""One spec table for the models of a Würstchen repository: where each lives and how it loads.
+
+The hub layout, wurst's converted layout and the converter all read this table, in the way flux's `configs`
+and mlx-examples' `_MODELS` serve their loaders. Components are named as diffusers names them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import clip, stage_a, stage_b, stage_c
+from .loader import SAME_NAMES, KeyMap, load_module, read_config, read_weights, weight_files
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    folder: str  # the hub repository's folder, which is also diffusers' attribute name
+    converted_name: str  # the weight file stem (and wurst.json key) in wurst's converted layout
+    config_cls: type
+    model_cls: type[nn.Module]
+    key_map: KeyMap  # hub checkpoint names -> module names
+    file_stem: str  # the hub weight file stem
+
+
+COMPONENTS: dict[str, ComponentSpec] = {
+    "prior": ComponentSpec("prior", "stage_c", stage_c.StageCConfig, stage_c.StageC, stage_c.CHECKPOINT_KEYS,
+                           "diffusion_pytorch_model"),
+    "decoder": ComponentSpec("decoder", "stage_b", stage_b.StageBConfig, stage_b.StageB, stage_b.CHECKPOINT_KEYS,
+                             "diffusion_pytorch_model"),
+    "vqgan": ComponentSpec("vqgan", "stage_a", stage_a.StageAConfig, stage_a.StageA, stage_a.CHECKPOINT_KEYS,
+                           "diffusion_pytorch_model"),
+    "text_encoder": ComponentSpec("text_encoder", "text_encoder", clip.CLIPTextConfig, clip.CLIPTextEncoder,
+                                  clip.CHECKPOINT_KEYS, "model"),
+}  # fmt: skip
+
+
+def describe(files: list[Path]) -> str:
+    """How errors name a component's weights: the file, or the folder and shard count."""
+    return str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
+
+
+def load_component(
+    name: str,
+    *,
+    config,
+    files: list[Path],
+    converted: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Build component `name` on the meta device from `config` and assign it the tensors of `files`, which
+    carry hub names, or module names when `converted`."""
+    spec = COMPONENTS[name]
+    key_map = SAME_NAMES if converted else spec.key_map
+    state = read_weights(files)
+    return load_module(lambda: spec.model_cls(config), state, key_map, describe(files), dtype, device)
+
+
+def hub_config(name: str, folder: str | Path):
+    """The config of component `name` from its hub folder's config.json."""
+    return read_config(COMPONENTS[name].config_cls, Path(folder) / "config.json")
+
+
+def load_hub_component(
+    name: str, folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """Load one hub component folder (config.json and its safetensors, plain, sharded or fp16)."""
+    files = weight_files(Path(folder), COMPONENTS[name].file_stem)
+    return load_component(name, config=hub_config(name, folder), files=files, dtype=dtype, device=device)
+
+
+load_stage_c = functools.partial(load_hub_component, "prior")
+load_stage_b = functools.partial(load_hub_component, "decoder")
+load_stage_a = functools.partial(load_hub_component, "vqgan")
+load_clip_text_encoder = functools.partial(load_hub_component, "text_encoder")

@@ -1,0 +1,96 @@
+"""Where a pipeline's models live between uses: resident, loaded on demand (low memory), or kept in CPU RAM and
+put on the accelerator only while they run (diffusers' model and sequential CPU offload).
+
+Offloading keeps each module's own tensors in CPU RAM and, for the time it runs, gives the module copies on the
+execution device. Nothing is re-read from files. Sequential offload does this per leaf module from forward
+hooks and parks the leaves on the meta device in between, so a module used without its hook fails loudly
+instead of quietly computing on the wrong device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+class OnDemand:
+    """Low-memory mode: a model loaded from its checkpoint each time it is used and released right after, so
+    that only the model at work is resident. Its config is at hand without loading it."""
+
+    def __init__(self, config, load: Callable[[torch.dtype, torch.device], nn.Module], device: torch.device,
+                 dtype: torch.dtype):  # fmt: skip
+        self.config, self.load, self.device, self.dtype = config, load, device, dtype
+
+    def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> OnDemand:
+        self.device, self.dtype = device or self.device, dtype or self.dtype
+        return self
+
+
+def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers a module holds itself (not those of its children)."""
+    return {**module._parameters, **module._buffers}  # noqa: SLF001 - the one place that needs them
+
+
+def put(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give a module these tensors in place of its own (across devices, which `.data =` cannot do)."""
+    for name, tensor in tensors.items():
+        if name in module._parameters:  # noqa: SLF001
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)  # noqa: SLF001
+        else:
+            module._buffers[name] = tensor  # noqa: SLF001
+
+
+class Offloaded:
+    """A module whose weights stay in CPU RAM; `on(device)` lends them to the device while it runs."""
+
+    def __init__(self, module: nn.Module, sequential: bool):
+        self.module, self.sequential = module, sequential
+        self.home = {sub: {n: t.to("cpu") for n, t in own_tensors(sub).items() if t is not None}
+                     for sub in module.modules()}  # fmt: skip
+        self.hooks = []
+        for sub, home in self.home.items():
+            put(sub, home)
+            if sequential and home:
+                put(sub, {n: t.to("meta") for n, t in home.items()})
+        self.device: torch.device | None = None
+
+    @contextlib.contextmanager
+    def on(self, device: torch.device) -> Iterator[nn.Module]:
+        self.device = device
+        try:
+            if not self.sequential:
+                for sub, home in self.home.items():
+                    put(sub, {n: t.to(device, non_blocking=True) for n, t in home.items()})
+            else:
+                for sub, home in self.home.items():
+                    if home:
+                        self.hooks += [sub.register_forward_pre_hook(self._lend(home)),
+                                       sub.register_forward_hook(self._take_back(home))]  # fmt: skip
+            yield self.module
+        finally:
+            for hook in self.hooks:
+                hook.remove()
+            self.hooks.clear()
+            for sub, home in self.home.items():
+                put(sub, {n: t.to("meta") for n, t in home.items()} if self.sequential else home)
+
+    def _lend(self, home: dict[str, torch.Tensor]):
+        def hook(sub: nn.Module, args):
+            put(sub, {n: t.to(self.device, non_blocking=True) for n, t in home.items()})
+
+        return hook
+
+    def _take_back(self, home: dict[str, torch.Tensor]):
+        def hook(sub: nn.Module, args, output):
+            put(sub, {n: t.to("meta") for n, t in home.items()})
+
+        return hook
+
+    def restore(self) -> nn.Module:
+        """Back to an ordinary module, its weights on the CPU."""
+        for sub, home in self.home.items():
+            put(sub, home)
+        return self.module

@@ -1,0 +1,196 @@
+"""WuerstchenCombinedPipeline (text -> image: the prior, then the decoder) and AutoPipelineForText2Image, with
+diffusers' documented interface."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import checks
+from .clip import CLIPTextEncoder
+from .errors import ArgumentError
+from .pipeline_base import Generator, ImagePipelineOutput, StepCallback, from_repository
+from .pipeline_decoder import WuerstchenDecoderPipeline
+from .pipeline_prior import WuerstchenPriorPipeline
+from .repository import KINDS, SchedulerConfig, prior_of, read_repository, resolve
+from .stage_a import StageA
+from .stage_b import StageB
+from .stage_c import StageC
+from .tokenizer import CLIPTokenizer
+
+
+class WuerstchenCombinedPipeline:
+    """Text to image: WuerstchenPriorPipeline (`prior_pipe`), then WuerstchenDecoderPipeline (`decoder_pipe`).
+    The components carry diffusers' names: the decoder's plainly, the prior's with a `prior_` prefix."""
+
+    _component_names = ("tokenizer", "text_encoder", "decoder", "scheduler", "vqgan", "prior_tokenizer",
+                        "prior_text_encoder", "prior_prior", "prior_scheduler")  # fmt: skip
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextEncoder,
+        decoder: StageB,
+        scheduler: SchedulerConfig | None,
+        vqgan: StageA,
+        prior_tokenizer: CLIPTokenizer,
+        prior_text_encoder: CLIPTextEncoder,
+        prior_prior: StageC,
+        prior_scheduler: SchedulerConfig | None,
+    ) -> None:
+        self.prior_pipe = WuerstchenPriorPipeline(prior_tokenizer, prior_text_encoder, prior_prior, prior_scheduler)
+        self.decoder_pipe = WuerstchenDecoderPipeline(tokenizer, text_encoder, decoder, scheduler, vqgan)
+
+    @classmethod
+    def from_pipes(cls, prior_pipe: WuerstchenPriorPipeline,
+                   decoder_pipe: WuerstchenDecoderPipeline) -> WuerstchenCombinedPipeline:  # fmt: skip
+        """Join two loaded pipelines, keeping their configs, placement and offload state."""
+        pipe = cls.__new__(cls)
+        pipe.prior_pipe, pipe.decoder_pipe = prior_pipe, decoder_pipe
+        return pipe
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen", *,
+        prior_repo: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None,
+        low_memory: bool = False, **components,
+    ) -> WuerstchenCombinedPipeline:  # fmt: skip
+        """The decoder repository (hub id or folder) and the prior its model card names under `prior:`, as
+        diffusers finds it; `prior_repo` names the prior instead. Components given by name (decoder=...,
+        prior_prior=...) replace the loaded ones."""
+        unknown = sorted(set(components) - set(cls._component_names))
+        if unknown:
+            raise TypeError(f"from_pretrained() got an unexpected keyword argument '{unknown[0]}'")
+        decoder_repo = read_repository(pretrained_model_name_or_path, "decoder")
+        prior_repo = prior_repo if prior_repo is not None else prior_of(decoder_repo.folder)
+        prior_parts = {k.removeprefix("prior_"): v for k, v in components.items() if k.startswith("prior_")}
+        decoder_parts = {k: v for k, v in components.items() if not k.startswith("prior_")}
+        options = dict(torch_dtype=torch_dtype, low_memory=low_memory)
+        return cls.from_pipes(
+            WuerstchenPriorPipeline.from_pretrained(prior_repo, **options, **prior_parts),
+            from_repository(WuerstchenDecoderPipeline, decoder_repo, **options, components=decoder_parts),
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        """The components, under diffusers' names: `decoder`, `vqgan`, ... and `prior_prior`, `prior_text_encoder`."""
+        if name.startswith("prior_") and name in self._component_names:
+            return getattr(self.__dict__["prior_pipe"], name.removeprefix("prior_"))
+        if name in self._component_names:
+            return getattr(self.__dict__["decoder_pipe"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._component_names:  # e.g. pipe.prior_prior = torch.compile(pipe.prior_prior)
+            target = self.prior_pipe if name.startswith("prior_") else self.decoder_pipe
+            setattr(target, name.removeprefix("prior_") if target is self.prior_pipe else name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._component_names}
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder_pipe.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder_pipe.dtype
+
+    def to(self, *args, **kwargs) -> WuerstchenCombinedPipeline:
+        self.prior_pipe.to(*args, **kwargs)
+        self.decoder_pipe.to(*args, **kwargs)
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        self.prior_pipe.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self.decoder_pipe.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
+                                      device: torch.device | str | None = None) -> None:  # fmt: skip
+        self.prior_pipe.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        self.decoder_pipe.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.prior_pipe.set_progress_bar_config(**kwargs)
+        self.decoder_pipe.set_progress_bar_config(**kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        prior_num_inference_steps: int = 60,
+        prior_timesteps: list[float] | None = None,
+        prior_guidance_scale: float = 4.0,
+        num_inference_steps: int = 12,
+        decoder_timesteps: list[float] | None = None,
+        decoder_guidance_scale: float = 0.0,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        prior_callback_on_step_end: StepCallback | None = None,
+        prior_callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' signature
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+    ) -> ImagePipelineOutput | tuple:
+        """Images for each prompt, `num_images_per_prompt` per prompt, in prompt order. `latents` are the
+        prior's starting noise; `negative_prompt` serves both stages' guidance; one generator (or one per
+        image) drives both stages in turn, as in diffusers, so a seed reproduces diffusers' image.
+        `prior_callback_on_step_end` runs after each Stage C step, `callback_on_step_end` after each Stage B step."""
+        # The decoder's arguments are checked before the prior runs, so a bad one costs no compute.
+        checks.check_steps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
+        checks.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
+        checks.check_output_type(output_type)
+        checks.check_callback_inputs(callback_on_step_end_tensor_inputs,
+                                     self.decoder_pipe._callback_tensor_inputs, "callback_on_step_end_tensor_inputs")
+        if prompt is not None:
+            checks.negative_prompts(negative_prompt, len(checks.as_prompt_list(prompt)))
+        embeddings = self.prior_pipe(
+            prompt=prompt if prompt_embeds is None else None, height=height, width=width,
+            num_inference_steps=prior_num_inference_steps, timesteps=prior_timesteps,
+            guidance_scale=prior_guidance_scale,
+            negative_prompt=negative_prompt if negative_prompt_embeds is None else None,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            output_type="pt", return_dict=False, callback_on_step_end=prior_callback_on_step_end,
+            callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
+        )[0]  # fmt: skip
+        return self.decoder_pipe(
+            image_embeddings=embeddings, prompt=prompt if prompt is not None else "",
+            num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
+            guidance_scale=decoder_guidance_scale, negative_prompt=negative_prompt, generator=generator,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+
+
+class AutoPipelineForText2Image:
+    """diffusers' AutoPipelineForText2Image for Würstchen: a decoder repository gives the combined pipeline
+    (its prior found through the model card), a prior repository is refused with the fix."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise TypeError("AutoPipelineForText2Image is built with AutoPipelineForText2Image.from_pretrained(...)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        **kwargs) -> WuerstchenCombinedPipeline:  # fmt: skip
+        folder = resolve(pretrained_model_name_or_path, allow_patterns=["model_index.json", "wurst.json", "README.md"])
+        prior = KINDS["prior"]
+        if (folder / "model_index.json").is_file():
+            from .loader import read_json
+
+            if read_json(folder / "model_index.json").get("_class_name") == prior.pipeline_class:
+                raise ArgumentError(f"{pretrained_model_name_or_path} is a Würstchen prior repository; text to image "
+                                 f"starts from the decoder repository ({KINDS['decoder'].default}), whose model "
+                                 "card names the prior")  # fmt: skip
+        return WuerstchenCombinedPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -1,0 +1,211 @@
+"""Reading a Würstchen repository: a hub id (through the Hugging Face cache) or a local folder, in diffusers'
+hub layout or in wurst's converted layout. Everything is checked, and every model's config read, before any
+weight is loaded."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .components import COMPONENTS, hub_config, load_component
+from .errors import ConfigError, ModelNotFoundError
+from .loader import config_from_dict, read_config, read_json, weight_files
+from .tokenizer import CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class PriorPipelineConfig:
+    """`model_index.json` of a prior repository. The prior's output is mapped to Stage B's input range with
+    `x * latent_mean - latent_std` (the names are diffusers'; the map undoes training's (x + 1) / 42)."""
+
+    latent_mean: float = 42.0
+    latent_std: float = 1.0
+    resolution_multiple: float = 42.67
+
+
+@dataclass(frozen=True)
+class DecoderPipelineConfig:
+    """`model_index.json` of a decoder repository: Stage B latents are this many times the Stage C size."""
+
+    latent_dim_scale: float = 10.67
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """`scheduler/scheduler_config.json`: the cosine schedule's offset and time scaler."""
+
+    s: float = 0.008
+    scaler: float = 1.0
+
+
+@dataclass(frozen=True)
+class RepositoryKind:
+    pipeline_class: str  # model_index.json's _class_name
+    config_cls: type
+    components: tuple[str, ...]  # the models it holds, named as in COMPONENTS
+    default: str  # the published repository
+
+
+KINDS = {
+    "prior": RepositoryKind("WuerstchenPriorPipeline", PriorPipelineConfig, ("prior", "text_encoder"),
+                            "warp-ai/wuerstchen-prior"),
+    "decoder": RepositoryKind("WuerstchenDecoderPipeline", DecoderPipelineConfig, ("decoder", "vqgan", "text_encoder"),
+                              "warp-ai/wuerstchen"),
+}  # fmt: skip
+
+# wurst's own compact layout (written by tools/convert_weights.py): one folder per repository holding
+# wurst.json (every config), one safetensors file per model under wurst's module names, and tokenizer/.
+CONVERTED_INDEX = "wurst.json"
+MODEL_CARD = "README.md"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(ref: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """Return the local directory of a model: `ref` itself if it is a directory, else a hub id fetched
+    through the huggingface_hub cache (only the files matching `allow_patterns`)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    text = str(ref)
+    if not _HUB_ID.match(text):
+        raise ModelNotFoundError(f"model directory not found: {text}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=allow_patterns))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise ModelNotFoundError(
+            f"{text} is neither a local directory nor in the Hugging Face cache, and the hub cannot be "
+            f"reached (offline): "
+            f"download it on a connected machine with `hf download {text}`, or pass a local directory"
+        ) from e
+    except HfHubHTTPError as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelNotFoundError(f"cannot fetch {text} from the hub: {first_line}") from e
+
+
+@dataclass
+class Repository:
+    """A checked repository: its configs, tokenizer and weight files, nothing loaded yet."""
+
+    folder: Path
+    kind: str
+    pipeline_config: PriorPipelineConfig | DecoderPipelineConfig
+    scheduler: SchedulerConfig
+    tokenizer: CLIPTokenizer
+    configs: dict[str, Any]  # component -> model config
+    files: dict[str, list[Path]]  # component -> weight files
+    converted: bool  # wurst's layout (module names) rather than the hub's
+
+    def load(self, component: str, dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Module:
+        return load_component(component, config=self.configs[component], files=self.files[component],
+                              converted=self.converted, dtype=dtype, device=device)  # fmt: skip
+
+
+def read_repository(ref: str | os.PathLike, kind: str) -> Repository:
+    """Find, check and read a prior or decoder repository (hub id or local directory, either layout)."""
+    components = KINDS[kind].components
+    patterns = [CONVERTED_INDEX, MODEL_CARD, "model_index.json", "tokenizer/*", "scheduler/*",
+                *(f"{COMPONENTS[c].folder}/*" for c in components)]  # fmt: skip
+    folder = resolve(ref, allow_patterns=patterns)
+    return read_converted(folder, kind) if (folder / CONVERTED_INDEX).is_file() else read_hub(folder, kind)
+
+
+def read_hub(folder: Path, kind: str) -> Repository:
+    spec = KINDS[kind]
+    folders = [COMPONENTS[c].folder for c in spec.components]
+    index = check_repo(folder, kind, [*folders, "tokenizer"])
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    return Repository(
+        folder=folder,
+        kind=kind,
+        pipeline_config=config_from_dict(spec.config_cls, index, str(folder / "model_index.json")),
+        scheduler=read_config(SchedulerConfig, scheduler_path) if scheduler_path.is_file() else SchedulerConfig(),
+        tokenizer=CLIPTokenizer.from_dir(folder / "tokenizer"),
+        configs={c: hub_config(c, folder / COMPONENTS[c].folder) for c in spec.components},
+        files={c: weight_files(folder / COMPONENTS[c].folder, COMPONENTS[c].file_stem) for c in spec.components},
+        converted=False,
+    )
+
+
+def read_converted(folder: Path, kind: str) -> Repository:
+    """A folder written by tools/convert_weights.py."""
+    index_path = folder / CONVERTED_INDEX
+    index = read_json(index_path)
+    if index.get("kind") != kind:
+        raise ModelNotFoundError(f"{folder} holds a converted {index.get('kind')}, not the {kind}")
+    fields = ("pipeline", "scheduler", "models")
+    lacking = [f for f in fields if not isinstance(index.get(f), dict)]
+    if lacking:
+        raise ConfigError(f"{index_path} lacks the field '{lacking[0]}'")
+    configs, files = {}, {}
+    for component in KINDS[kind].components:
+        spec = COMPONENTS[component]
+        if spec.converted_name not in index["models"]:
+            raise ConfigError(f"{index_path} lacks the model '{spec.converted_name}' ({component})")
+        configs[component] = config_from_dict(spec.config_cls, index["models"][spec.converted_name],
+                                              f"{index_path} (models.{spec.converted_name})")  # fmt: skip
+        files[component] = [folder / f"{spec.converted_name}.safetensors"]
+    return Repository(
+        folder=folder,
+        kind=kind,
+        pipeline_config=config_from_dict(KINDS[kind].config_cls, index["pipeline"], f"{index_path} (pipeline)"),
+        scheduler=config_from_dict(SchedulerConfig, index["scheduler"], f"{index_path} (scheduler)"),
+        tokenizer=CLIPTokenizer.from_dir(folder / "tokenizer"),
+        configs=configs,
+        files=files,
+        converted=True,
+    )
+
+
+def check_repo(folder: Path, kind: str, folders: list[str]) -> dict:
+    """Fail early, naming what is missing, when `folder` is not the hub repository it should be. Returns
+    its model_index.json."""
+    expected = KINDS[kind].pipeline_class
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelNotFoundError(f"{folder} is not a Würstchen {kind} repository in hub layout: no model_index.json")
+    index = read_json(index_path)
+    found = index.get("_class_name")
+    if found is None:
+        raise ModelNotFoundError(f"{index_path} lacks the field '_class_name' (expected {expected})")
+    if found != expected:
+        other = next((k for k, spec in KINDS.items() if spec.pipeline_class == found), None)
+        hint = f" It is the {other} repository: pass it as the {other}." if other else ""
+        raise ModelNotFoundError(f"{folder} holds a {found}, not the {kind} ({expected}).{hint}")
+    for sub in folders:
+        if not (folder / sub).is_dir():
+            raise ModelNotFoundError(f"{folder} lacks the {sub}/ folder of a {kind} repository")
+    return index
+
+
+def prior_of(decoder_folder: Path) -> str:
+    """The prior a decoder repository names in its model card (README.md front matter, `prior:`), as
+    diffusers finds it for the combined pipeline. A relative path is taken from the decoder's folder."""
+    card = decoder_folder / MODEL_CARD
+    named = None
+    if card.is_file():
+        from huggingface_hub.repocard import metadata_load
+
+        try:
+            named = (metadata_load(card) or {}).get("prior")
+        except Exception as e:  # a malformed YAML front matter; its parser's errors have no common base
+            raise ConfigError(f"{card} has unreadable front matter ({type(e).__name__})") from e
+    if isinstance(named, list):
+        named = named[0] if named else None
+    if not isinstance(named, str) or not named:
+        default = KINDS["prior"].default
+        raise ModelNotFoundError(
+            f"{decoder_folder} has no model card naming its prior (README.md front matter `prior: [{default}]`): "
+            f"pass prior_repo='{default}' (or a local prior directory), or add such a card"
+        )
+    local = decoder_folder / named
+    return str(local) if local.is_dir() else named
