@@ -6,10 +6,12 @@ The CLI's own checks of the same values are in tests/test_cli.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.helpers import INF, LONG_CUT, LONG_PROMPT, NAN, SHORT_PROMPT, SMALL
-from wurst import PromptTruncatedWarning
+from wurst import PromptTruncatedWarning, checks
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def no_model_may_run(pipe, monkeypatch):
         (dict(num_images_per_prompt=-2), "num_images_per_prompt must be a positive integer, got -2"),
         (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be a positive integer, got 1.5"),
         (dict(prompt=42), "prompt must be a string or a non-empty list of strings, got 42"),
-        (dict(prompt=None), "prompt must be a string or a non-empty list of strings, got None"),
+        (dict(prompt=None), "Provide either `prompt` or `prompt_embeds`"),
         (dict(prompt=[]), "prompt must be a string or a non-empty list of strings, got []"),
         (dict(prompt=["a cat", 3]), "prompt must be a string or a non-empty list of strings, got ['a cat', 3]"),
         (dict(prompt=b"a cat"), "prompt must be a string or a non-empty list of strings, got b'a cat'"),
@@ -100,3 +102,10 @@ def test_api_long_prompt_warns_how_much_was_cut_and_generates(pipe):
     with pytest.warns(PromptTruncatedWarning, match=rf"prompt is 102 tokens, .* the last {LONG_CUT} tokens were cut"):
         images = pipe(LONG_PROMPT, **SMALL)
     assert images.shape == (1, 3, 128, 128)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, "4"])
+def test_bad_guidance(value):
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        checks.check_guidance("guidance_scale", value)
+    assert not math.isnan(checks.check_guidance("guidance_scale", 0))

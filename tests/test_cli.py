@@ -150,9 +150,9 @@ def test_ctrl_c_exits_cleanly_without_files(tmp_path, repos):
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
-        # On a pipe the progress bar prints one line per finished stage: once Stage C is done, Stage B is running.
+        # The first state of the Stage B bar: Stage C is done and Stage B is running.
         for line in proc.stderr:
-            if line.lstrip().startswith("prior ["):
+            if line.lstrip("\r").startswith("decoder:"):
                 break
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
@@ -336,14 +336,11 @@ def test_cli_interrupt_exits_130_without_files(when, tiny_prior_repo, tiny_decod
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    def interrupt_in_decoder(self, stage, *args):
-        if stage == "decoder":
-            raise KeyboardInterrupt
 
     if when == "loading":
-        monkeypatch.setattr(wurst.Pipeline, "from_pretrained", interrupt)
+        monkeypatch.setattr(wurst.WuerstchenCombinedPipeline, "from_pretrained", interrupt)
     elif when == "sampling":
-        monkeypatch.setattr(wurst.cli.Progress, "__call__", interrupt_in_decoder)
+        monkeypatch.setattr(wurst.StageB, "forward", interrupt)  # in the decoder's first step
     else:
         monkeypatch.setattr(Image.Image, "save", failing_save(KeyboardInterrupt()))
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,

@@ -73,7 +73,7 @@ def test_converted_layout_is_one_file_per_model(converted):
     common = ["text_encoder.safetensors", "tokenizer", "wurst.json"]
     assert sorted(p.name for p in (converted / "prior").iterdir()) == ["stage_c.safetensors", *common]
     assert sorted(p.name for p in (converted / "decoder").iterdir()) == [
-        "stage_a.safetensors", "stage_b.safetensors", *common]  # fmt: skip
+        "README.md", "stage_a.safetensors", "stage_b.safetensors", *common]  # fmt: skip
     index = json.loads((converted / "decoder" / "wurst.json").read_text())
     assert index["kind"] == "decoder" and index["models"]["stage_b"]["c_hidden"] == [16, 32, 32, 32]
     with safe_open(converted / "prior" / "stage_c.safetensors", "pt") as f:

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from wurst import CheckpointError, CLIPTextConfig, ConfigError, ModelNotFoundError, load_clip_text_encoder
 from wurst.clip import CHECKPOINT_KEYS, CLIPTextEncoder
-from wurst.loader import KeyMap, load_module, read_config, read_safetensors, read_weights, resolve, weight_files
+from wurst.loader import KeyMap, load_module, read_config, read_safetensors, read_weights, weight_files
+from wurst.repository import resolve
 
 
 @pytest.fixture
@@ -157,7 +158,7 @@ def test_resolve_local_and_missing(tmp_path):
 def test_resolve_hub_id_offline(tmp_path):
     """A hub id that is not cached, with the hub unreachable, names the id and says how to get it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from wurst.loader import resolve\nresolve('warp-ai/wuerstchen-prior')"
+    code = "from wurst.repository import resolve\nresolve('warp-ai/wuerstchen-prior')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]

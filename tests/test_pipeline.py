@@ -28,7 +28,7 @@ from tests.helpers import (
 )
 from tools import hub_fixtures, reference
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, NumericalError, Pipeline, WurstError
-from wurst.pipeline import OnDemand
+from wurst.offload import OnDemand
 
 
 @pytest.fixture(scope="module")
@@ -114,22 +114,26 @@ def test_tiny_callback_watches_and_stops(tiny_pair):
         ours(PROMPT, height=128, width=128, prior_num_inference_steps=2, callback_on_step_end=stop_in_decoder)
 
 
-def test_generate_caches_the_pipeline(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
+def test_generate_caches_the_pipeline_until_cleared(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
     loads = []
-    real = Pipeline.from_pretrained.__func__
+    real = wurst.pipeline.load_pipeline
 
-    def counting(cls, *args, **kwargs):
-        loads.append(args)
-        return real(cls, *args, **kwargs)
+    def counting(**kwargs):
+        loads.append(kwargs)
+        return real(**kwargs)
 
-    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(counting))
-    monkeypatch.setattr(wurst.pipeline, "_cached", {})
+    monkeypatch.setattr(wurst.pipeline, "load_pipeline", counting)
+    wurst.generate.cache_clear()
     kwargs = dict(prior=tiny_prior_repo, decoder=tiny_decoder_repo, prior_num_inference_steps=2,
                   num_inference_steps=2, output_type="pt")  # fmt: skip
     first = wurst.generate(PROMPT, 128, 128, generator=torch.Generator().manual_seed(0), **kwargs)
     second = wurst.generate(PROMPT, 128, 128, generator=torch.Generator().manual_seed(0), **kwargs)
     assert len(loads) == 1
     assert torch.equal(first, second)
+    wurst.generate.cache_clear()  # releases the pipeline: the next call loads again
+    wurst.generate(PROMPT, 128, 128, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(loads) == 2
+    wurst.generate.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -161,12 +165,6 @@ def test_bad_inputs_fail_before_any_model_runs(kwargs, match, tiny_pair):
             ours(PROMPT, **kwargs)
     finally:
         ours.prior.model, ours.decoder.model = prior_model, decoder_model
-
-
-def test_size_over_2048_warns(tiny_pair):
-    ours, _ = tiny_pair
-    with pytest.warns(UserWarning, match="width 2176 is over 2048"):
-        ours.prior.latent_size(128, 2176)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,7 +236,7 @@ def test_low_memory_mode_gives_the_same_images_and_keeps_no_model(tiny_pair, tin
     assert all(isinstance(part, OnDemand) for part in parts)  # nothing loaded up front
     loaded = []
     for part in parts:
-        monkeypatch.setattr(part, "load", lambda load=part.load: loaded.append(load()) or loaded[-1])
+        monkeypatch.setattr(part, "load", lambda *a, load=part.load: loaded.append(load(*a)) or loaded[-1])
     expected = ours(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
     got = low(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
     assert torch.equal(got, expected)

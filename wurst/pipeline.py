@@ -101,14 +101,17 @@ class _Stage:
     """A documented pipeline under its wurst 0.1 name: `model` is its denoiser, and the rest is the pipeline's."""
 
     _model_attribute = ""
+    _pipeline_class: type = object
+    _default_ref = ""
 
     def __init__(self, pipe):
         object.__setattr__(self, "pipe", pipe)
 
     @classmethod
-    def _load(cls, pipeline_class, ref, device, dtype, low_memory: bool):
+    def from_pretrained(cls, ref: str | os.PathLike | None = None, device=None, dtype=None, low_memory: bool = False):
         device = parse_device(device) if device is not None else default_device()
-        pipe = pipeline_class.from_pretrained(ref, torch_dtype=dtype or default_dtype(device), low_memory=low_memory)
+        pipe = cls._pipeline_class.from_pretrained(ref or cls._default_ref, torch_dtype=dtype or default_dtype(device),
+                                                   low_memory=low_memory)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)  # wurst 0.1 showed no bars
         return cls(pipe.to(device))
 
@@ -118,16 +121,14 @@ class _Stage:
     def __setattr__(self, name: str, value) -> None:
         setattr(self.pipe, self._model_attribute if name == "model" else name, value)
 
+    def __delattr__(self, name: str) -> None:
+        delattr(self.pipe, self._model_attribute if name == "model" else name)
+
 
 class Prior(_Stage):
     """Deprecated: use WuerstchenPriorPipeline. Calls return the image embeddings tensor."""
 
-    _model_attribute = "prior"
-
-    @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike = DEFAULT_PRIOR, device=None, dtype=None,
-                        low_memory: bool = False) -> Prior:  # fmt: skip
-        return cls._load(WuerstchenPriorPipeline, ref, device, dtype, low_memory)
+    _model_attribute, _pipeline_class, _default_ref = "prior", WuerstchenPriorPipeline, DEFAULT_PRIOR
 
     def __call__(self, prompt, height=1024, width=1024, negative_prompt=None, num_images_per_prompt=1,
                  num_inference_steps=None, timesteps=None, guidance_scale=4.0, generator=None, latents=None,
@@ -145,12 +146,7 @@ class Prior(_Stage):
 class Decoder(_Stage):
     """Deprecated: use WuerstchenDecoderPipeline. Calls return the images (a tensor by default)."""
 
-    _model_attribute = "decoder"
-
-    @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike = DEFAULT_DECODER, device=None, dtype=None,
-                        low_memory: bool = False) -> Decoder:  # fmt: skip
-        return cls._load(WuerstchenDecoderPipeline, ref, device, dtype, low_memory)
+    _model_attribute, _pipeline_class, _default_ref = "decoder", WuerstchenDecoderPipeline, DEFAULT_DECODER
 
     def __call__(self, image_embeddings, prompt="", negative_prompt=None, num_images_per_prompt=1,
                  num_inference_steps=12, timesteps=None, guidance_scale=0.0, generator=None, latents=None,

@@ -217,14 +217,16 @@ class PipelineBase:
         `tensors`; what it returns replaces them (`on_edit` gets the replaced tensors other than latents)."""
         result = latents
         steps = sampler.sample_steps(model, latents, timesteps, generator, scheduler.s, scheduler.scaler)
-        for step in self.progress_bar(steps, total=len(timesteps) - 1):
-            if callback is not None:
-                offered = {"latents": step.latents, **tensors}
-                edited = dict(callback(self, step.index, step.t, {k: offered[k] for k in callback_inputs}) or {})
-                step.latents = edited.pop("latents", step.latents)
-                tensors.update(edited)
-                on_edit(edited)
-            result = step.latents
+        with self.progress_bar(total=len(timesteps) - 1) as bar:  # closed (its line ended) even on an error
+            for step in steps:
+                if callback is not None:
+                    offered = {"latents": step.latents, **tensors}
+                    edited = dict(callback(self, step.index, step.t, {k: offered[k] for k in callback_inputs}) or {})
+                    step.latents = edited.pop("latents", step.latents)
+                    tensors.update(edited)
+                    on_edit(edited)
+                result = step.latents
+                bar.update()
         if not torch.isfinite(result).all():
             raise NumericalError(f"the {self._stage_name} latents hold NaN or inf (in {result.dtype}; float16 "
                                  "overflows in this model): use bfloat16 or float32")  # fmt: skip

@@ -3,6 +3,7 @@ diffusers' documented interface."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -63,15 +64,16 @@ class WuerstchenCombinedPipeline:
         unknown = sorted(set(components) - set(cls._component_names))
         if unknown:
             raise TypeError(f"from_pretrained() got an unexpected keyword argument '{unknown[0]}'")
-        decoder_repo = read_repository(pretrained_model_name_or_path, "decoder")
-        prior_repo = prior_repo if prior_repo is not None else prior_of(decoder_repo.folder)
         prior_parts = {k.removeprefix("prior_"): v for k, v in components.items() if k.startswith("prior_")}
         decoder_parts = {k: v for k, v in components.items() if not k.startswith("prior_")}
         options = dict(torch_dtype=torch_dtype, low_memory=low_memory)
-        return cls.from_pipes(
-            WuerstchenPriorPipeline.from_pretrained(prior_repo, **options, **prior_parts),
-            from_repository(WuerstchenDecoderPipeline, decoder_repo, **options, components=decoder_parts),
-        )
+        # A named prior is read first (the order of the stages); otherwise the decoder's card names it.
+        load_prior = functools.partial(WuerstchenPriorPipeline.from_pretrained, **options, **prior_parts)
+        prior_pipe = None if prior_repo is None else load_prior(prior_repo)
+        decoder_repo = read_repository(pretrained_model_name_or_path, "decoder")
+        prior_pipe = prior_pipe or load_prior(prior_of(decoder_repo.folder))
+        decoder_pipe = from_repository(WuerstchenDecoderPipeline, decoder_repo, **options, components=decoder_parts)
+        return cls.from_pipes(prior_pipe, decoder_pipe)
 
     def __getattr__(self, name: str) -> Any:
         """The components, under diffusers' names: `decoder`, `vqgan`, ... and `prior_prior`, `prior_text_encoder`."""
@@ -147,7 +149,11 @@ class WuerstchenCombinedPipeline:
         prior's starting noise; `negative_prompt` serves both stages' guidance; one generator (or one per
         image) drives both stages in turn, as in diffusers, so a seed reproduces diffusers' image.
         `prior_callback_on_step_end` runs after each Stage C step, `callback_on_step_end` after each Stage B step."""
-        # The decoder's arguments are checked before the prior runs, so a bad one costs no compute.
+        # Everything is checked before the prior runs, so a bad argument costs no compute and is named as given.
+        checks.check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        checks.check_size("height", height, warn=False), checks.check_size("width", width, warn=False)
+        checks.check_guidance("prior_guidance_scale", prior_guidance_scale)
+        checks.check_steps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps", prior_timesteps)
         checks.check_steps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
         checks.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         checks.check_output_type(output_type)
