@@ -31,6 +31,8 @@ LONG_PROMPT, LONG_CUT = "cat " * 100, 25
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # The one-line progress report a finished stage prints on a non-tty stderr (not an error line).
+# The device of the parity tests: `WURST_TEST_DEVICE=cuda make test` runs them on a GPU against diffusers there.
+DEVICE = torch.device(os.environ.get("WURST_TEST_DEVICE", "cpu"))
 PROGRESS = re.compile(r"^(prior|decoder): +\d+%\|.*\| \d+/\d+ \[.*\]$")  # a tqdm bar's state
 NAN, INF = float("nan"), float("inf")
 

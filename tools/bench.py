@@ -66,13 +66,14 @@ def worker(impl: str, size: int, steps: int, prior_steps: int, count_flops: bool
     if impl.startswith("wurst"):
         import wurst
 
-        pipe = wurst.Pipeline.from_pretrained(prior_repo, decoder_repo, device="cpu", dtype=torch.float32,
-                                              low_memory=impl == "wurst-low-memory")  # fmt: skip
-        prior = lambda: pipe.prior(PROMPT, size, size, num_inference_steps=prior_steps, guidance_scale=4.0,  # noqa: E731
-                                   generator=generator)  # fmt: skip
-        decoder = lambda emb: pipe.decoder(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
-                                           output_type="latent")  # fmt: skip
-        stage_a = pipe.decoder.decode
+        pipe = wurst.load_pipeline(prior=prior_repo, decoder=decoder_repo, device="cpu", dtype=torch.float32,
+                                   low_memory=impl == "wurst-low-memory")  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, num_inference_steps=prior_steps,  # noqa: E731
+                                        guidance_scale=4.0, generator=generator).image_embeddings  # fmt: skip
+        decoder = lambda emb: pipe.decoder_pipe(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
+                                                output_type="latent").images  # fmt: skip
+        stage_a = pipe.decoder_pipe.decode
     else:
         from tools import reference
 
