@@ -1,10 +1,7 @@
 """Loader core: references, configs, memory-mapped safetensors, key maps, and the errors they raise."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from wurst import CheckpointError, CLIPTextConfig, ConfigError, ModelNotFoundError, load_clip_text_encoder
 from wurst.clip import CHECKPOINT_KEYS, CLIPTextEncoder
 from wurst.loader import KeyMap, load_module, read_config, read_safetensors, read_weights, weight_files
-from wurst.repository import resolve
 
 
 @pytest.fixture
@@ -147,19 +143,3 @@ def test_missing_weights_and_missing_shard(encoder_dir):
     (encoder_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelNotFoundError, match="names the shard model-00001-of-00002.safetensors, which is missing"):
         load_clip_text_encoder(encoder_dir)
-
-
-def test_resolve_local_and_missing(tmp_path):
-    assert resolve(tmp_path) == tmp_path
-    with pytest.raises(ModelNotFoundError, match="model directory not found: ./nope/dir"):
-        resolve("./nope/dir")
-
-
-def test_resolve_hub_id_offline(tmp_path):
-    """A hub id that is not cached, with the hub unreachable, names the id and says how to get it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from wurst.repository import resolve\nresolve('warp-ai/wuerstchen-prior')"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode != 0
-    last = out.stderr.strip().splitlines()[-1]
-    assert "ModelNotFoundError" in last and "warp-ai/wuerstchen-prior" in last and "offline" in last

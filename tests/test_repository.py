@@ -6,14 +6,18 @@ the culprit; through the CLI in one line on stderr, a non-zero exit and no file 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import wurst
 from tests.helpers import (
     ONE_STEP,
     SHORT_PROMPT,
@@ -24,6 +28,7 @@ from tests.helpers import (
     run_module,
 )
 from wurst import CheckpointError, ConfigError, Decoder, ModelNotFoundError, Pipeline, Prior, WurstError
+from wurst.repository import resolve
 
 # ---------------------------------------------------------------------------------------------------------
 # Model references: missing directories, hub ids offline, mixed-up repositories
@@ -327,3 +332,48 @@ def test_cli_damaged_checkpoint_in_a_real_process(damaged, out_dir):
     result = run_module(["-m", "wurst", SHORT_PROMPT, *ONE_STEP, "--prior", prior, "--decoder", decoder,
                          "--output", out_dir / "x.png"])  # fmt: skip
     assert_one_line_error(result.returncode, result.stdout, result.stderr, culprit, out_dir)
+
+
+def test_resolve_local_and_missing(tmp_path):
+    assert resolve(tmp_path) == tmp_path
+    with pytest.raises(ModelNotFoundError, match="model directory not found: ./nope/dir"):
+        resolve("./nope/dir")
+
+
+def test_resolve_hub_id_offline(tmp_path):
+    """A hub id that is not cached, with the hub unreachable, names the id and says how to get it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = "from wurst.repository import resolve\nresolve('warp-ai/wuerstchen-prior')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "ModelNotFoundError" in last and "warp-ai/wuerstchen-prior" in last and "offline" in last
+
+
+def test_converted_index_lacking_a_model_is_named(tmp_path, tiny_prior_repo):
+    """A wurst.json without one of the models is a one-line ConfigError naming it, not a KeyError."""
+    (tmp_path / "tokenizer").mkdir()
+    index = {"format": "wurst", "version": 1, "kind": "prior", "pipeline": {}, "scheduler": {},
+             "models": {"text_encoder": {}}}  # fmt: skip
+    (tmp_path / "wurst.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="lacks the model 'stage_c' \\(prior\\)"):
+        wurst.WuerstchenPriorPipeline.from_pretrained(tmp_path)
+
+
+def test_decoder_without_a_model_card_says_how_to_name_the_prior(tmp_path, tiny_decoder_repo):
+    decoder = tmp_path / "decoder"
+    shutil.copytree(tiny_decoder_repo, decoder)
+    (decoder / "README.md").unlink()
+    with pytest.raises(ModelNotFoundError) as info:
+        wurst.WuerstchenCombinedPipeline.from_pretrained(decoder)
+    message = str(info.value)
+    assert "\n" not in message and "model card" in message and "prior_repo=" in message
+
+
+def test_model_card_prior_path_is_taken_from_the_decoder_folder(tmp_path, tiny_prior_repo, tiny_decoder_repo):
+    """A card may name the prior by a path relative to the decoder's folder, as converted folders do."""
+    shutil.copytree(tiny_decoder_repo, tmp_path / "decoder")
+    shutil.copytree(tiny_prior_repo, tmp_path / "prior")
+    (tmp_path / "decoder" / "README.md").write_text("---\nprior:\n- ../prior\n---\n")
+    pipe = wurst.WuerstchenCombinedPipeline.from_pretrained(tmp_path / "decoder")
+    assert pipe.prior_pipe.name_or_path == str(tmp_path / "decoder" / "../prior")
