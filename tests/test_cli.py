@@ -33,7 +33,7 @@ from tests.helpers import (
     run_module,
 )
 from wurst import Pipeline
-from wurst.cli import write_png_atomically
+from wurst.cli import main, write_png_atomically
 
 FAST = ["--height", "256", "--width", "128", "--prior-steps", "3", "--decoder-steps", "12"]
 
@@ -347,3 +347,15 @@ def test_cli_interrupt_exits_130_without_files(when, tiny_prior_repo, tiny_decod
                               "--output", out_dir / "x.png"], capsys)  # fmt: skip
     assert_one_line_error(code, out, err, "no image was written", out_dir, exit_code=130,
                           prefix="wurst: interrupted", progress_ok=True)  # fmt: skip
+
+
+def test_internal_errors_keep_their_traceback(tiny_prior_repo, tiny_decoder_repo, tmp_path, monkeypatch):
+    """Only wurst's own errors (bad input, bad files) become one line: a ValueError from a bug is not swallowed."""
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(wurst.StageC, "forward", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main([PROMPT, "--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), *FAST,
+              "--output", str(tmp_path / "x.png")])  # fmt: skip

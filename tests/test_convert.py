@@ -185,3 +185,24 @@ def test_convert_refuses_a_bad_decoder_file_before_writing(flag, tmp_path, tiny_
     captured = capsys.readouterr()
     assert code == 2 and str(path) in captured.err and not marker.exists()
     assert files_in(out) == [] and captured.out == ""
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path, tiny_prior_repo, tiny_decoder_repo,
+                                                                     monkeypatch):  # fmt: skip
+    """--overwrite swaps the new folder in only once it is complete; if the swap itself fails, the old output is
+    put back, never lost."""
+    argv = ["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), "--out", str(tmp_path),
+            "--overwrite"]  # fmt: skip
+    assert convert_weights.main(argv) == 0
+    before = (tmp_path / "prior" / "stage_c.safetensors").read_bytes()
+    real_rename = type(tmp_path).rename
+
+    def failing_rename(self, target):
+        if self.name == ".prior.partial":
+            raise OSError(5, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(tmp_path), "rename", failing_rename)
+    assert convert_weights.main(argv) == 2
+    assert (tmp_path / "prior" / "stage_c.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "prior"]  # nothing half-made left behind

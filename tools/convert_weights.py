@@ -122,7 +122,13 @@ def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], 
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if old.exists():  # put the previous output back
+            old.rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return written
 

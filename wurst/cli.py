@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-steps", type=int, default=12, help="Stage B steps (default 12)")
     p.add_argument("--prior-guidance", type=float, default=4.0, help="Stage C guidance scale (default 4)")
     p.add_argument("--decoder-guidance", type=float, default=0.0, help="Stage B guidance scale (default 0: off)")
-    p.add_argument("--prior", default="warp-ai/wuerstchen-prior", help="prior: hub id or directory in hub layout")
-    p.add_argument("--decoder", default="warp-ai/wuerstchen", help="decoder: hub id or directory in hub layout")
+    p.add_argument("--prior", default="warp-ai/wuerstchen-prior", help="prior: hub id, or a hub or converted folder")
+    p.add_argument("--decoder", default="warp-ai/wuerstchen", help="decoder: hub id, or a hub or converted folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip

@@ -28,10 +28,11 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"  # transformers' default; the Würstchen encoders say "gelu"
 
 
-_ACTIVATIONS = {
-    "gelu": lambda x: x,  # part of fc1 (Linear(gelu=True)), where the fast path fuses it
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-}
+ACTIVATIONS = ("gelu", "quick_gelu")  # exact GELU is fused into fc1 (Linear(gelu=True)), where the fast path needs it
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
 
 
 class EncoderLayer(nn.Module):
@@ -47,7 +48,7 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.fc1 = Linear(width, cfg.intermediate_size, gelu=cfg.hidden_act == "gelu")
         self.fc2 = Linear(cfg.intermediate_size, width)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.quick_gelu = cfg.hidden_act == "quick_gelu"
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -55,14 +56,15 @@ class EncoderLayer(nn.Module):
         q, k, v = (p(h).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + self.out_proj(h.transpose(1, 2).reshape(b, n, -1))
-        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+        h = self.fc1(self.norm2(x))
+        return x + self.fc2(quick_gelu(h) if self.quick_gelu else h)
 
 
 class CLIPTextEncoder(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        if cfg.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"unsupported CLIP hidden_act {cfg.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}")
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported CLIP hidden_act {cfg.hidden_act!r}; expected one of {list(ACTIVATIONS)}")
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)

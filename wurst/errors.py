@@ -6,7 +6,7 @@ class WurstError(Exception):
 
 
 class ModelNotFoundError(WurstError, FileNotFoundError):
-    """A model reference (hub id or directory) that cannot be found or is not in hub layout."""
+    """A model reference (hub id or directory) that cannot be found, or a folder in neither hub nor converted layout."""
 
 
 class ArgumentError(WurstError, ValueError):
