@@ -157,6 +157,8 @@ class WuerstchenCombinedPipeline:
         checks.check_steps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
         checks.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         checks.check_output_type(output_type)
+        checks.check_callback_inputs(prior_callback_on_step_end_tensor_inputs, self.prior_pipe._callback_tensor_inputs,
+                                     "prior_callback_on_step_end_tensor_inputs")
         checks.check_callback_inputs(callback_on_step_end_tensor_inputs,
                                      self.decoder_pipe._callback_tensor_inputs, "callback_on_step_end_tensor_inputs")
         if prompt is not None:
