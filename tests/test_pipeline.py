@@ -263,7 +263,7 @@ def test_low_memory_mode_gives_the_same_images_and_keeps_no_model(tiny_pair, tin
     assert all(isinstance(part, OnDemand) for part in parts)  # nothing loaded up front
     loaded = []
     for part in parts:
-        monkeypatch.setattr(part, "load", lambda *a, load=part.load: loaded.append(load(*a)) or loaded[-1])
+        monkeypatch.setattr(part, "load", lambda load=part.load, **kw: loaded.append(load(**kw)) or loaded[-1])
     expected = ours(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN).images.cpu()
     got = low(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
     assert torch.equal(got, expected)

@@ -17,10 +17,11 @@ from torch import nn
 
 
 class OnDemand:
-    """Low-memory mode: a model loaded from its checkpoint each time it is used and released right after, so
-    that only the model at work is resident. Its config is at hand without loading it."""
+    """Low-memory mode: a model loaded from its checkpoint each time it is used (`load(dtype=..., device=...)`)
+    and released right after, so that only the model at work is resident. Its config is at hand without loading
+    it."""
 
-    def __init__(self, config, load: Callable[[torch.dtype, torch.device], nn.Module], device: torch.device,
+    def __init__(self, config, load: Callable[..., nn.Module], device: torch.device,
                  dtype: torch.dtype):  # fmt: skip
         self.config, self.load, self.device, self.dtype = config, load, device, dtype
 

@@ -167,7 +167,7 @@ class PipelineBase:
         """Model `name` ready to compute on the execution device for the time of the block."""
         model = getattr(self, name)
         if isinstance(model, OnDemand):
-            loaded = model.load(model.dtype, model.device)
+            loaded = model.load(dtype=model.dtype, device=model.device)
             try:
                 yield loaded
             finally:
@@ -275,8 +275,10 @@ def from_repository(cls, repo: Repository, *, torch_dtype: torch.dtype | None, l
     cpu = torch.device("cpu")
     for name in KINDS[repo.kind].components:
         if name not in components:
-            load = functools.partial(repo.load, name)
-            parts[name] = OnDemand(repo.configs[name], load, cpu, dtype) if low_memory else load(dtype, cpu)
+            if low_memory:
+                parts[name] = OnDemand(repo.configs[name], functools.partial(repo.load, name), cpu, dtype)
+            else:
+                parts[name] = repo.load(name, dtype=dtype, device=cpu)
     parts.update(components)
     pipe = cls(**parts, **dataclasses.asdict(repo.pipeline_config))
     pipe.name_or_path = str(repo.folder)

@@ -105,7 +105,7 @@ class Repository:
     files: dict[str, list[Path]]  # component -> weight files
     converted: bool  # wurst's layout (module names) rather than the hub's
 
-    def load(self, component: str, dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Module:
+    def load(self, component: str, *, dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Module:
         return load_component(component, config=self.configs[component], files=self.files[component],
                               converted=self.converted, dtype=dtype, device=device)  # fmt: skip
 
