@@ -69,7 +69,8 @@ def available_devices() -> str:
 
 
 class PipelineBase:
-    _models: tuple[str, ...] = ()  # attributes holding models, in the order they run
+    _component_names: tuple[str, ...] = ()  # the constructor's arguments, diffusers' component names
+    _models: tuple[str, ...] = ()  # the components that are models, in the order they run
     _denoiser: str = ""  # the attribute whose weights define the pipeline's device and dtype
     _stage: str = ""  # the progress bar's label
     _callback_tensor_inputs: list[str] = []

@@ -34,7 +34,6 @@ class WuerstchenDecoderPipeline(PipelineBase):
     _component_names = ("tokenizer", "text_encoder", "decoder", "scheduler", "vqgan")
     _denoiser = _stage = "decoder"
     _callback_tensor_inputs = ["latents", "text_encoder_hidden_states", "negative_prompt_embeds", "image_embeddings"]
-    model_cpu_offload_seq = "text_encoder->decoder->vqgan"
 
     def __init__(
         self,

@@ -23,7 +23,6 @@ class WuerstchenPriorPipeline(PipelineBase):
     _component_names = ("tokenizer", "text_encoder", "prior", "scheduler")
     _denoiser = _stage = "prior"
     _callback_tensor_inputs = ["latents", "text_encoder_hidden_states", "negative_prompt_embeds"]
-    model_cpu_offload_seq = "text_encoder->prior"
 
     def __init__(
         self,
