@@ -71,22 +71,26 @@ class WuerstchenCombinedPipeline:
         load_prior = functools.partial(WuerstchenPriorPipeline.from_pretrained, **options, **prior_parts)
         prior_pipe = None if prior_repo is None else load_prior(prior_repo)
         decoder_repo = read_repository(pretrained_model_name_or_path, "decoder")
-        prior_pipe = prior_pipe or load_prior(prior_of(decoder_repo.folder))
+        if prior_pipe is None:
+            prior_pipe = load_prior(prior_of(decoder_repo.folder))
         decoder_pipe = from_repository(WuerstchenDecoderPipeline, decoder_repo, **options, components=decoder_parts)
         return cls.from_pipes(prior_pipe, decoder_pipe)
 
+    def _owner(self, name: str) -> tuple[Any, str]:
+        """Where component `name` lives: the prior's under their `prior_` names, the decoder's under their own."""
+        if name.startswith("prior_"):
+            return self.__dict__["prior_pipe"], name.removeprefix("prior_")
+        return self.__dict__["decoder_pipe"], name
+
     def __getattr__(self, name: str) -> Any:
         """The components, under diffusers' names: `decoder`, `vqgan`, ... and `prior_prior`, `prior_text_encoder`."""
-        if name.startswith("prior_") and name in self._component_names:
-            return getattr(self.__dict__["prior_pipe"], name.removeprefix("prior_"))
         if name in self._component_names:
-            return getattr(self.__dict__["decoder_pipe"], name)
+            return getattr(*self._owner(name))
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._component_names:  # e.g. pipe.prior_prior = torch.compile(pipe.prior_prior)
-            target = self.prior_pipe if name.startswith("prior_") else self.decoder_pipe
-            setattr(target, name.removeprefix("prior_") if target is self.prior_pipe else name, value)
+            setattr(*self._owner(name), value)
         else:
             super().__setattr__(name, value)
 
