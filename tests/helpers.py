@@ -114,3 +114,29 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# wurst against diffusers, one pipeline class at a time
+
+
+def seeded(seed: int = 7) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def run_both(pair, *args, seed: int = 7, **kwargs):
+    """The same call on (wurst's, diffusers') pipelines, each with a fresh generator of the same seed."""
+    ours, ref = pair
+    return ours(*args, generator=seeded(seed), **kwargs), ref(*args, generator=seeded(seed), **kwargs)
+
+
+def assert_close_images(got, expected, tolerance: float) -> None:
+    assert isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype
+    error = (got - expected).abs().max().item()
+    assert error <= tolerance, error
+
+
+def record_shapes(records: list, pipe, step: int, timestep, tensors: dict) -> None:
+    """What a step callback saw: the pipeline, step, timestep and {name: (shape, dtype) or None}."""
+    shapes = {k: None if v is None else (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    records.append((pipe, step, round(float(timestep), 6), shapes))

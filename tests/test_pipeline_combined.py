@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import wurst
-from tests.helpers import PROMPT, assert_images_informative
+from tests.helpers import PROMPT, assert_close_images, assert_images_informative, record_shapes, run_both, seeded
 from tools import reference
 
 # The comparison test_pipeline.py makes for whole text-to-image runs: the largest pixel difference in [0, 1].
@@ -27,19 +27,10 @@ def pair(tiny_prior_repo, tiny_decoder_repo):
     return ours, reference.combined_pipeline(tiny_prior_repo, tiny_decoder_repo)
 
 
-def seeded(seed=7):
-    return torch.Generator().manual_seed(seed)
 
 
-def run_both(pair, *args, seed=7, **kwargs):
-    ours, ref = pair
-    return ours(*args, generator=seeded(seed), **kwargs), ref(*args, generator=seeded(seed), **kwargs)
 
 
-def assert_close_images(got, expected):
-    assert isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype
-    error = (got - expected).abs().max().item()
-    assert error <= IMAGE_TOLERANCE, error
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,7 +95,7 @@ def test_defaults(pair):
     assert isinstance(images, list) and len(images) == 1 and isinstance(images[0], Image.Image)
     assert images[0].size == (512, 512) and images[0].mode == "RGB"
     tensors = ours.decoder_pipe.decode(final["latents"])
-    assert_close_images(tensors, expected)
+    assert_close_images(tensors, expected, IMAGE_TOLERANCE)
     assert_images_informative(expected)
     pixels = (tensors.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     assert np.array_equal(np.asarray(images[0]), pixels[0])
@@ -128,7 +119,7 @@ def test_prompt_embeds(with_negative, pair):
         embeds["negative_prompt_embeds"] = clip_states(ref, ["blurry"])
     got, expected = run_both(pair, **embeds, **SMALL)
     assert got.images.shape == (1, 3, 128, 128)
-    assert_close_images(got.images, expected.images)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
 
 
 def test_given_latents_are_the_priors(pair):
@@ -141,14 +132,14 @@ def test_given_latents_are_the_priors(pair):
     finally:
         hook.remove()
     assert torch.equal(seen[0], torch.cat([latents, latents]))
-    assert_close_images(got.images, expected.images)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
 
 
 def test_guided_decoder_with_negative_prompt_and_two_images(pair):
     kwargs = {**SMALL, "negative_prompt": "blurry", "decoder_guidance_scale": 2.0, "num_images_per_prompt": 2}
     got, expected = run_both(pair, PROMPT, **kwargs)
     assert got.images.shape == (2, 3, 128, 128)
-    assert_close_images(got.images, expected.images)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
 
 
 def test_return_dict_false_gives_a_tuple(pair):
@@ -158,7 +149,7 @@ def test_return_dict_false_gives_a_tuple(pair):
     assert isinstance(full, wurst.ImagePipelineOutput)
     assert isinstance(plain, tuple) and len(plain) == 1 and torch.equal(plain[0], full.images)
     assert isinstance(plain_ref, torch.Tensor)
-    assert_close_images(plain[0], plain_ref)
+    assert_close_images(plain[0], plain_ref, IMAGE_TOLERANCE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,8 +162,7 @@ def recorder(records, key):
     records[key] = []
 
     def record(pipe, step, timestep, kwargs):
-        shapes = {k: None if v is None else (tuple(v.shape), v.dtype) for k, v in kwargs.items()}
-        records[key].append((pipe, step, round(float(timestep), 6), shapes))
+        record_shapes(records[key], pipe, step, timestep, kwargs)
         if key.endswith("prior") and step == 1:
             return {"latents": kwargs["latents"] * 0.5}
         if key.endswith("decoder") and step == 0:
@@ -202,7 +192,7 @@ def test_each_callback_sees_its_own_stage(pair):
     assert records["ours prior"][0][3]["latents"] == ((1, 16, 3, 3), torch.float32)
     assert records["ours decoder"][0][3]["latents"] == ((1, 4, 32, 32), torch.float32)
     assert records["ours decoder"][0][3]["image_embeddings"] == ((1, 16, 3, 3), torch.float32)
-    assert_close_images(results["ours"], results["ref"])
+    assert_close_images(results["ours"], results["ref"], IMAGE_TOLERANCE)
     unedited = ours(PROMPT, generator=seeded(), **SMALL).images
     assert (results["ours"] - unedited).abs().max() > 0.01
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import wurst
-from tests.helpers import OTHER, PROMPT, assert_images_informative
+from tests.helpers import OTHER, PROMPT, assert_close_images, assert_images_informative, record_shapes, run_both, seeded
 from tools import reference
 
 # The comparison test_stage_b.py makes for whole decoder runs: the largest pixel difference in [0, 1].
@@ -22,8 +22,6 @@ def pair(tiny_decoder_repo):
     return ours, reference.decoder_pipeline(tiny_decoder_repo)
 
 
-def seeded(seed=7):
-    return torch.Generator().manual_seed(seed)
 
 
 def embeddings(batch=1, h=3, w=3, seed=5):
@@ -31,15 +29,8 @@ def embeddings(batch=1, h=3, w=3, seed=5):
     return 3 * torch.randn(batch, 16, h, w, generator=seeded(seed))
 
 
-def run_both(pair, *args, seed=7, **kwargs):
-    ours, ref = pair
-    return ours(*args, generator=seeded(seed), **kwargs), ref(*args, generator=seeded(seed), **kwargs)
 
 
-def assert_close_images(got, expected):
-    assert isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype
-    error = (got - expected).abs().max().item()
-    assert error <= IMAGE_TOLERANCE, error
 
 
 def as_arrays(images):
@@ -59,7 +50,7 @@ def test_defaults(pair):
     assert isinstance(images, list) and len(images) == 1 and images[0].size == (128, 128)
     tensors = ours(embeddings(), PROMPT, generator=seeded(), output_type="pt").images
     expected = ref(embeddings(), PROMPT, generator=seeded(), output_type="pt").images
-    assert_close_images(tensors, expected)
+    assert_close_images(tensors, expected, IMAGE_TOLERANCE)
     assert_images_informative(expected)
     assert np.array_equal(as_arrays(images), (tensors.permute(0, 2, 3, 1).numpy() * 255).round().astype(int))
 
@@ -78,7 +69,7 @@ def test_seed_parity(name, pair):
     kwargs = {"image_embeddings": embeddings(), "prompt": PROMPT, "num_inference_steps": 4, **RUNS[name]}
     got, expected = run_both(pair, output_type="pt", **kwargs)
     assert got.images.shape[-2:] == (4 * int(kwargs["image_embeddings"].shape[-2] * 10.67), 128)
-    assert_close_images(got.images, expected.images)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
 
 
 def test_no_prompt_is_the_empty_prompt(pair):
@@ -102,7 +93,7 @@ def test_given_latents_are_used_as_they_are(pair):
     finally:
         hook.remove()
     assert torch.equal(seen[0], latents)
-    assert_close_images(got.images, expected.images)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
 
 
 def test_output_types(pair):
@@ -115,10 +106,10 @@ def test_output_types(pair):
     array_ref, latent_ref = (ref(embeddings(), PROMPT, generator=seeded(), num_inference_steps=3,
                                  output_type=t).images for t in ("np", "latent"))  # fmt: skip
     assert latent.shape == (1, 4, 32, 32)
-    assert_close_images(latent, latent_ref)
+    assert_close_images(latent, latent_ref, IMAGE_TOLERANCE)
     assert isinstance(array, np.ndarray) and array.dtype == np.float32
     assert array.shape == array_ref.shape == (1, 128, 128, 3)
-    assert_close_images(torch.from_numpy(array), torch.from_numpy(array_ref))
+    assert_close_images(torch.from_numpy(array), torch.from_numpy(array_ref), IMAGE_TOLERANCE)
     assert pt.shape == (1, 3, 128, 128) and pt.dtype == torch.float32
     assert np.array_equal(array, pt.permute(0, 2, 3, 1).numpy())
     assert isinstance(pil, list) and len(pil) == 1 and pil[0].size == (128, 128)
@@ -135,7 +126,7 @@ def test_return_dict_false_gives_a_tuple(pair):
     assert isinstance(plain, tuple) and len(plain) == 1
     assert torch.equal(plain[0], full.images)
     assert isinstance(plain_ref, torch.Tensor)  # diffusers' own behaviour, which wurst deliberately differs from
-    assert_close_images(plain[0], plain_ref)
+    assert_close_images(plain[0], plain_ref, IMAGE_TOLERANCE)
 
 
 def test_image_embeddings_as_list_and_numpy(pair):
@@ -147,8 +138,8 @@ def test_image_embeddings_as_list_and_numpy(pair):
     as_numpy, as_numpy_ref = run_both(pair, rows.numpy(), PROMPT, **kwargs)
     assert tensor.shape == (2, 3, 128, 128)
     assert torch.equal(as_list.images, tensor) and torch.equal(as_numpy.images, tensor)
-    assert_close_images(as_list.images, as_list_ref.images)
-    assert_close_images(as_numpy.images, as_numpy_ref.images)
+    assert_close_images(as_list.images, as_list_ref.images, IMAGE_TOLERANCE)
+    assert_close_images(as_numpy.images, as_numpy_ref.images, IMAGE_TOLERANCE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +156,7 @@ def test_callback_edits_latents(pair):
 
     kwargs = dict(num_inference_steps=4, guidance_scale=2.0, output_type="pt")
     got, expected = run_both(pair, embeddings(), PROMPT, callback_on_step_end=edit, **kwargs)
-    assert_close_images(got.images, expected.images)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
     unedited = pair[0](embeddings(), PROMPT, generator=seeded(), **kwargs).images
     assert (got.images - unedited).abs().max() > 0.01
 
@@ -181,7 +172,7 @@ def test_callback_edits_text_states(pair):
     kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt",
                   callback_on_step_end_tensor_inputs=["text_encoder_hidden_states"])  # fmt: skip
     got, expected = run_both(pair, embeddings(), PROMPT, callback_on_step_end=swap, **kwargs)
-    assert_close_images(got.images, expected.images)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
     unedited = pair[0](embeddings(), PROMPT, generator=seeded(), num_inference_steps=3, guidance_scale=2.0,
                        output_type="pt").images  # fmt: skip
     assert (got.images - unedited).abs().max() > 0.01
@@ -224,8 +215,7 @@ def test_callback_sees_what_diffusers_shows(guidance, pair):
         records[key] = []
 
         def record(pipe, step, timestep, kwargs):
-            shapes = {k: None if v is None else (tuple(v.shape), v.dtype) for k, v in kwargs.items()}
-            records[key].append((pipe, step, round(float(timestep), 6), shapes))
+            record_shapes(records[key], pipe, step, timestep, kwargs)
             return {}
 
         return record
@@ -290,7 +280,7 @@ def test_prompt_list_conditions_its_own_rows(pair):
     assert got.shape == (2, 3, 128, 128)
     for k, (prompt, negative) in enumerate([(PROMPT, "ugly"), (OTHER, "dark")]):
         expected = ref(rows[k : k + 1], prompt, negative_prompt=negative, generator=seeded(seeds[k]), **kwargs).images
-        assert_close_images(got[k : k + 1], expected)
+        assert_close_images(got[k : k + 1], expected, IMAGE_TOLERANCE)
     with pytest.raises(RuntimeError):
         ref(rows, [PROMPT, OTHER], negative_prompt=["ugly", "dark"], generator=[seeded(s) for s in seeds], **kwargs)
 
@@ -310,4 +300,5 @@ def test_images_per_prompt_equal_single_runs(pair):
     got = ours(embeddings(), PROMPT, num_images_per_prompt=2, generator=[seeded(s) for s in seeds], **kwargs).images
     assert got.shape == (2, 3, 128, 128)
     for k, seed in enumerate(seeds):
-        assert_close_images(got[k : k + 1], ref(embeddings(), PROMPT, generator=seeded(seed), **kwargs).images)
+        expected = ref(embeddings(), PROMPT, generator=seeded(seed), **kwargs).images
+        assert_close_images(got[k : k + 1], expected, IMAGE_TOLERANCE)

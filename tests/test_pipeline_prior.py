@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import wurst
-from tests.helpers import OTHER, PROMPT, relative_error
+from tests.helpers import OTHER, PROMPT, record_shapes, relative_error, run_both, seeded
 from tools import reference
 
 # The comparison test_stage_c.py makes for whole prior runs.
@@ -22,13 +22,8 @@ def pair(tiny_prior_repo):
     return ours, reference.prior_pipeline(tiny_prior_repo)
 
 
-def seeded(seed=7):
-    return torch.Generator().manual_seed(seed)
 
 
-def run_both(pair, *args, seed=7, **kwargs):
-    ours, ref = pair
-    return ours(*args, generator=seeded(seed), **kwargs), ref(*args, generator=seeded(seed), **kwargs)
 
 
 def clip_states(ref, prompts):
@@ -195,8 +190,7 @@ def test_callback_sees_what_diffusers_shows(guidance, pair):
         records[key] = []
 
         def record(pipe, step, timestep, kwargs):
-            shapes = {k: None if v is None else (tuple(v.shape), v.dtype) for k, v in kwargs.items()}
-            records[key].append((pipe, step, round(float(timestep), 6), shapes))
+            record_shapes(records[key], pipe, step, timestep, kwargs)
             return {}
 
         return record
