@@ -140,3 +140,14 @@ def record_shapes(records: list, pipe, step: int, timestep, tensors: dict) -> No
     """What a step callback saw: the pipeline, step, timestep and {name: (shape, dtype) or None}."""
     shapes = {k: None if v is None else (tuple(v.shape), v.dtype) for k, v in tensors.items()}
     records.append((pipe, step, round(float(timestep), 6), shapes))
+
+
+def shape_recorder(records: dict, key: str):
+    """A step callback that records what it sees (record_shapes) under records[key] and edits nothing."""
+    records[key] = []
+
+    def record(pipe, step, timestep, tensors):
+        record_shapes(records[key], pipe, step, timestep, tensors)
+        return {}
+
+    return record

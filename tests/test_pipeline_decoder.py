@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 
 import wurst
-from tests.helpers import OTHER, PROMPT, assert_close_images, assert_images_informative, record_shapes, run_both, seeded
+from tests.helpers import (
+    OTHER,
+    PROMPT,
+    assert_close_images,
+    assert_images_informative,
+    run_both,
+    seeded,
+    shape_recorder,
+)
 from tools import reference
 
 # The comparison test_stage_b.py makes for whole decoder runs: the largest pixel difference in [0, 1].
@@ -211,19 +219,10 @@ def test_callback_sees_what_diffusers_shows(guidance, pair):
     assert ours._callback_tensor_inputs == names
     records = {}
 
-    def recorder(key):
-        records[key] = []
-
-        def record(pipe, step, timestep, kwargs):
-            record_shapes(records[key], pipe, step, timestep, kwargs)
-            return {}
-
-        return record
-
     kwargs = dict(num_inference_steps=3, guidance_scale=guidance, output_type="latent",
                   callback_on_step_end_tensor_inputs=names)  # fmt: skip
-    ours(embeddings(2), PROMPT, generator=seeded(), callback_on_step_end=recorder("ours"), **kwargs)
-    ref(embeddings(2), PROMPT, generator=seeded(), callback_on_step_end=recorder("ref"), **kwargs)
+    ours(embeddings(2), PROMPT, generator=seeded(), callback_on_step_end=shape_recorder(records, "ours"), **kwargs)
+    ref(embeddings(2), PROMPT, generator=seeded(), callback_on_step_end=shape_recorder(records, "ref"), **kwargs)
     assert [r[0] for r in records["ours"]] == [ours] * 3 and [r[0] for r in records["ref"]] == [ref] * 3
     assert [r[1:] for r in records["ours"]] == [r[1:] for r in records["ref"]]
     shapes = records["ours"][0][3]

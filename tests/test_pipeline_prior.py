@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import wurst
-from tests.helpers import OTHER, PROMPT, record_shapes, relative_error, run_both, seeded
+from tests.helpers import OTHER, PROMPT, relative_error, run_both, seeded, shape_recorder
 from tools import reference
 
 # The comparison test_stage_c.py makes for whole prior runs.
@@ -186,19 +186,10 @@ def test_callback_sees_what_diffusers_shows(guidance, pair):
     assert ours._callback_tensor_inputs == names
     records = {}
 
-    def recorder(key):
-        records[key] = []
-
-        def record(pipe, step, timestep, kwargs):
-            record_shapes(records[key], pipe, step, timestep, kwargs)
-            return {}
-
-        return record
-
     kwargs = dict(**SIZE, num_inference_steps=3, guidance_scale=guidance, num_images_per_prompt=2,
                   callback_on_step_end_tensor_inputs=names)  # fmt: skip
-    ours([PROMPT, OTHER], generator=seeded(), callback_on_step_end=recorder("ours"), **kwargs)
-    ref([PROMPT, OTHER], generator=seeded(), callback_on_step_end=recorder("ref"), **kwargs)
+    ours([PROMPT, OTHER], generator=seeded(), callback_on_step_end=shape_recorder(records, "ours"), **kwargs)
+    ref([PROMPT, OTHER], generator=seeded(), callback_on_step_end=shape_recorder(records, "ref"), **kwargs)
     assert [r[0] for r in records["ours"]] == [ours] * 3 and [r[0] for r in records["ref"]] == [ref] * 3
     assert [r[1:] for r in records["ours"]] == [r[1:] for r in records["ref"]]
     shapes = records["ours"][0][3]
