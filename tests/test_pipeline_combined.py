@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import wurst
-from tests.helpers import PROMPT, assert_close_images, assert_images_informative, record_shapes, run_both, seeded
+from tests.helpers import OTHER, PROMPT, assert_close_images, assert_images_informative, record_shapes, run_both, seeded
 from tools import reference
 
 # The comparison test_pipeline.py makes for whole text-to-image runs: the largest pixel difference in [0, 1].
@@ -120,6 +120,16 @@ def test_prompt_embeds(with_negative, pair):
     got, expected = run_both(pair, **embeds, **SMALL)
     assert got.images.shape == (1, 3, 128, 128)
     assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
+
+
+def test_prompt_beside_prompt_embeds_goes_to_the_decoder(pair):
+    """As in diffusers' combined pipeline: the embeddings condition the prior, the prompt the decoder."""
+    _, ref = pair
+    kwargs = {**SMALL, "decoder_guidance_scale": 2.0}
+    got, expected = run_both(pair, OTHER, prompt_embeds=clip_states(ref, [PROMPT]), **kwargs)
+    assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
+    without_prompt, _ = run_both(pair, prompt_embeds=clip_states(ref, [PROMPT]), **kwargs)
+    assert (got.images - without_prompt.images).abs().max() > 0.01
 
 
 def test_given_latents_are_the_priors(pair):

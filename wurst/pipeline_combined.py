@@ -153,9 +153,10 @@ class WuerstchenCombinedPipeline:
         prior's starting noise; `negative_prompt` serves both stages' guidance; one generator (or one per
         image) drives both stages in turn, as in diffusers, so a seed reproduces diffusers' image.
         `prior_callback_on_step_end` runs after each Stage C step, `callback_on_step_end` after each Stage B step."""
-        # Everything is checked before the prior runs, so a bad argument costs no compute and is named as given.
-        checks.check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        checks.check_size("height", height, warn=False), checks.check_size("width", width, warn=False)
+        # What the prior pipeline names differently, and the decoder's arguments, are checked before the prior
+        # runs, so a bad argument costs no compute and is named as given. The prior checks the rest itself.
+        # Like diffusers, a prompt beside prompt_embeds is allowed: the embeddings go to the prior, the text to
+        # the decoder.
         checks.check_guidance("prior_guidance_scale", prior_guidance_scale)
         checks.check_steps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps", prior_timesteps)
         checks.check_steps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
