@@ -44,51 +44,55 @@ def put(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             module._buffers[name] = tensor  # noqa: SLF001
 
 
+def moved(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The tensors on `device`; copies to an accelerator may run ahead, copies back to the CPU may not (the CPU
+    would read them before they land)."""
+    to_cpu = torch.device(device).type == "cpu"
+    return {name: tensor.to(device, non_blocking=not to_cpu) for name, tensor in tensors.items()}
+
+
+def lend_while_running(module: nn.Module, home: dict[str, torch.Tensor], device: torch.device) -> list:
+    """Sequential offload: forward hooks that give `module` its weights on `device` for its forward and park
+    them on meta after. Returns the hook handles."""
+
+    def lend(module: nn.Module, args) -> None:
+        put(module, moved(home, device))
+
+    def take_back(module: nn.Module, args, output) -> None:
+        put(module, moved(home, "meta"))
+
+    return [module.register_forward_pre_hook(lend), module.register_forward_hook(take_back)]
+
+
 class Offloaded:
     """A module whose weights stay in CPU RAM; `on(device)` lends them to the device while it runs."""
 
     def __init__(self, module: nn.Module, sequential: bool):
         self.module, self.sequential = module, sequential
-        self.home = {sub: {n: t.to("cpu") for n, t in own_tensors(sub).items() if t is not None}
+        self.home = {sub: moved({n: t for n, t in own_tensors(sub).items() if t is not None}, "cpu")
                      for sub in module.modules()}  # fmt: skip
         self.hooks = []
+        self._park()
+
+    def _park(self) -> None:
+        """Between uses: the CPU copies for model offload, the meta device for sequential offload."""
         for sub, home in self.home.items():
-            put(sub, home)
-            if sequential and home:
-                put(sub, {n: t.to("meta") for n, t in home.items()})
-        self.device: torch.device | None = None
+            put(sub, moved(home, "meta") if self.sequential else home)
 
     @contextlib.contextmanager
     def on(self, device: torch.device) -> Iterator[nn.Module]:
-        self.device = device
         try:
-            if not self.sequential:
-                for sub, home in self.home.items():
-                    put(sub, {n: t.to(device, non_blocking=True) for n, t in home.items()})
-            else:
-                for sub, home in self.home.items():
-                    if home:
-                        self.hooks += [sub.register_forward_pre_hook(self._lend(home)),
-                                       sub.register_forward_hook(self._take_back(home))]  # fmt: skip
+            for sub, home in self.home.items():
+                if not self.sequential:
+                    put(sub, moved(home, device))
+                elif home:
+                    self.hooks += lend_while_running(sub, home, device)
             yield self.module
         finally:
             for hook in self.hooks:
                 hook.remove()
             self.hooks.clear()
-            for sub, home in self.home.items():
-                put(sub, {n: t.to("meta") for n, t in home.items()} if self.sequential else home)
-
-    def _lend(self, home: dict[str, torch.Tensor]):
-        def hook(sub: nn.Module, args):
-            put(sub, {n: t.to(self.device, non_blocking=True) for n, t in home.items()})
-
-        return hook
-
-    def _take_back(self, home: dict[str, torch.Tensor]):
-        def hook(sub: nn.Module, args, output):
-            put(sub, {n: t.to("meta") for n, t in home.items()})
-
-        return hook
+            self._park()
 
     def restore(self) -> nn.Module:
         """Back to an ordinary module, its weights on the CPU."""
