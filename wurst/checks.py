@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import ArgumentError
+from .sampler import make_timesteps
 
 SIZE_MULTIPLE = 128  # what both U-Nets' resampling needs of an image side
 LARGEST_TRAINED = 2048
@@ -48,9 +49,8 @@ def check_guidance(name: str, value: float) -> float:
 
 
 def check_steps(steps_name: str, num_steps: int | None, timesteps_name: str, timesteps: Sequence[float] | None):
-    """A step count or a custom schedule must be usable; the schedule wins when both are given, as in diffusers."""
-    from .sampler import make_timesteps  # the sampler builds the schedule; checking it is building it
-
+    """A step count or a custom schedule must be usable (checking it is building it, which the sampler does); the
+    schedule wins when both are given, as in diffusers."""
     return make_timesteps(num_steps, timesteps, (steps_name, timesteps_name))
 
 
@@ -96,8 +96,8 @@ def check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_em
     if prompt_embeds is not None and negative_prompt_embeds is not None:
         if prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ArgumentError("`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed "
-                             f"directly, but got {tuple(prompt_embeds.shape)} != "
-                             f"{tuple(negative_prompt_embeds.shape)}")  # fmt: skip
+                                f"directly, but got {tuple(prompt_embeds.shape)} != "
+                                f"{tuple(negative_prompt_embeds.shape)}")  # fmt: skip
     if prompt is not None:
         as_prompt_list(prompt)
 

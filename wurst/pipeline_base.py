@@ -125,7 +125,7 @@ class PipelineBase:
             device = parse_device(device)
         if self._offloaded and device is not None:
             raise ArgumentError("this pipeline offloads its models to the CPU (enable_*_cpu_offload): it moves them "
-                             "itself, so it cannot be moved with .to(device)")  # fmt: skip
+                                "itself, so it cannot be moved with .to(device)")  # fmt: skip
         for name in self._models:
             model = getattr(self, name)
             if isinstance(model, OnDemand):
@@ -153,7 +153,7 @@ class PipelineBase:
         if device is None:
             if not torch.cuda.is_available():
                 raise ArgumentError(f"{method} needs an accelerator and this machine has none ({available_devices()}); "
-                                 "run without offload, or pass device=... to choose one")  # fmt: skip
+                                    "run without offload, or pass device=... to choose one")  # fmt: skip
             device = f"cuda:{gpu_id or 0}"
         self._offload_device = parse_device(device, f"{method}: device")
         for name in self._models:

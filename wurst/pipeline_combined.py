@@ -204,6 +204,6 @@ class AutoPipelineForText2Image:
 
             if read_json(folder / "model_index.json").get("_class_name") == prior.pipeline_class:
                 raise ArgumentError(f"{pretrained_model_name_or_path} is a Würstchen prior repository; text to image "
-                                 f"starts from the decoder repository ({KINDS['decoder'].default}), whose model "
-                                 "card names the prior")  # fmt: skip
+                                    f"starts from the decoder repository ({KINDS['decoder'].default}), whose model "
+                                    "card names the prior")  # fmt: skip
         return WuerstchenCombinedPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)

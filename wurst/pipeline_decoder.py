@@ -106,7 +106,7 @@ class WuerstchenDecoderPipeline(PipelineBase):
         prompts = checks.as_prompt_list("" if prompt is None else prompt)
         if embeddings.shape[0] % len(prompts):
             raise ArgumentError(f"prompt has {len(prompts)} entries, which does not divide the "
-                             f"{embeddings.shape[0]} image embeddings")  # fmt: skip
+                                f"{embeddings.shape[0]} image embeddings")  # fmt: skip
         n = checks.check_count("num_images_per_prompt", num_images_per_prompt)
         guidance = checks.check_guidance("guidance_scale", guidance_scale)
         steps = checks.check_steps("num_inference_steps", num_inference_steps, "timesteps", timesteps)
