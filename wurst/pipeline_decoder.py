@@ -120,27 +120,29 @@ class WuerstchenDecoderPipeline(PipelineBase):
 
         # Every image gets its own embedding row and the text of the prompt that row belongs to.
         rows_per_prompt = shape[0] // len(prompts)
-        states = self.encode_text(self.tokenizer, prompts + negatives).repeat_interleave(rows_per_prompt, dim=0)
-        text = states  # [prompt rows; negative rows] when guided
-        effnet = embeddings.repeat_interleave(n, dim=0)
-        if guided:
-            effnet = torch.cat([effnet, torch.zeros_like(effnet)])
+        text = self.encode_text(self.tokenizer, prompts + negatives).repeat_interleave(rows_per_prompt, dim=0)
+        tensors = {"text_encoder_hidden_states": text,  # [prompt rows; negative rows] when guided
+                   "image_embeddings": embeddings, "negative_prompt_embeds": text[len(text) // 2:] if guided else None}
         latents = self.initial_latents(shape, latents, generator)
 
         with self._running("decoder") as decoder:
-            condition = {"cond": decoder.condition(effnet, text, shape[-2:])}  # once: the same at every step
+
+            def conditioning():
+                """What every step shares, from the current tensors: the image embeddings per image (zeroed for
+                the unconditional half when guided) and the text."""
+                effnet = tensors["image_embeddings"].to(embeddings).repeat_interleave(n, dim=0)
+                effnet = torch.cat([effnet, torch.zeros_like(effnet)]) if guided else effnet
+                return decoder.condition(effnet, tensors["text_encoder_hidden_states"], shape[-2:])
+
+            condition = {"cond": conditioning()}  # once, unless a step callback edits what it depends on
 
             def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
                 return decoder(x, r, condition["cond"])
 
             def on_edit(edited: dict[str, torch.Tensor]) -> None:
                 if "text_encoder_hidden_states" in edited or "image_embeddings" in edited:
-                    new = tensors["image_embeddings"].to(effnet).repeat_interleave(n, dim=0)
-                    new = torch.cat([new, torch.zeros_like(new)]) if guided else new
-                    condition["cond"] = decoder.condition(new, tensors["text_encoder_hidden_states"], shape[-2:])
+                    condition["cond"] = conditioning()
 
-            tensors = {"text_encoder_hidden_states": text, "image_embeddings": embeddings,
-                       "negative_prompt_embeds": states[len(states) // 2:] if guided else None}  # fmt: skip
             latents = self.denoise(
                 model=sampler.guided(model, guidance) if guided else model, latents=latents, timesteps=steps,
                 generator=generator, scheduler=self.scheduler, callback=callback_on_step_end, callback_inputs=names,
