@@ -113,7 +113,7 @@ def run(argv: list[str]) -> list[Path]:
 
     import wurst
     from wurst import checks
-    from wurst.pipeline import default_device, default_dtype, load_pipeline
+    from wurst.pipeline import default_device, default_dtype, load_pipeline, prior_schedule
     from wurst.pipeline_base import parse_device
 
     # Cheap checks first: arguments, then the output location.
@@ -132,15 +132,13 @@ def run(argv: list[str]) -> list[Path]:
 
     pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
                          low_memory=args.low_memory)  # fmt: skip
-    prior_schedule = {"prior_num_inference_steps": args.prior_steps} if args.prior_steps else \
-        {"prior_timesteps": wurst.DEFAULT_STAGE_C_TIMESTEPS}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", checks.LargeSizeWarning)  # already said above, under the option's name
         images = pipe(
             args.prompt, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
             num_images_per_prompt=args.num_images, prior_guidance_scale=args.prior_guidance,
             num_inference_steps=args.decoder_steps, decoder_guidance_scale=args.decoder_guidance,
-            generator=torch.Generator("cpu").manual_seed(seed), **prior_schedule,
+            generator=torch.Generator("cpu").manual_seed(seed), **prior_schedule(args.prior_steps),
         ).images  # fmt: skip
 
     settings = {

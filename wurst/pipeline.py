@@ -45,6 +45,14 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def prior_schedule(steps: int | None = None, timesteps: list[float] | None = None) -> dict:
+    """wurst's Stage C default, as combined-pipeline keywords: the published schedule, unless a step count or
+    timesteps are given."""
+    if steps is None and timesteps is None:
+        return {"prior_timesteps": DEFAULT_STAGE_C_TIMESTEPS}
+    return {"prior_num_inference_steps": steps, "prior_timesteps": timesteps}
+
+
 @functools.lru_cache(maxsize=1)  # one pipeline at a time: each holds several GB
 def _cached_pipeline(prior: str, decoder: str, device: torch.device | None, dtype: torch.dtype | None,
                      low_memory: bool) -> WuerstchenCombinedPipeline:  # fmt: skip
@@ -67,9 +75,7 @@ def generate(
     WuerstchenCombinedPipeline's; Stage C runs DEFAULT_STAGE_C_TIMESTEPS unless prior_num_inference_steps or
     prior_timesteps says otherwise. The loaded pipeline is kept for the next call with the same models,
     device, dtype and memory mode; `generate.cache_clear()` releases it."""
-    if kwargs.get("prior_num_inference_steps") is None and kwargs.get("prior_timesteps") is None:
-        kwargs.pop("prior_num_inference_steps", None)
-        kwargs["prior_timesteps"] = DEFAULT_STAGE_C_TIMESTEPS
+    kwargs.update(prior_schedule(kwargs.pop("prior_num_inference_steps", None), kwargs.pop("prior_timesteps", None)))
     device = parse_device(device) if device is not None else None
     pipe = _cached_pipeline(str(prior), str(decoder), device, dtype, low_memory)
     return pipe(prompt, height=height, width=width, **kwargs).images
@@ -185,13 +191,11 @@ class Pipeline:
                  prior_num_inference_steps=None, prior_timesteps=None, prior_guidance_scale=4.0,
                  num_inference_steps=12, decoder_timesteps=None, decoder_guidance_scale=0.0, generator=None,
                  output_type="pil", callback_on_step_end: OldStepCallback | None = None):  # fmt: skip
-        if prior_num_inference_steps is None and prior_timesteps is None:
-            prior_timesteps = DEFAULT_STAGE_C_TIMESTEPS
         combined = WuerstchenCombinedPipeline.from_pipes(self.prior.pipe, self.decoder.pipe)
         return combined(
             prompt, height=height, width=width, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, prior_num_inference_steps=prior_num_inference_steps,
-            prior_timesteps=prior_timesteps, prior_guidance_scale=prior_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, prior_guidance_scale=prior_guidance_scale,
+            **prior_schedule(prior_num_inference_steps, prior_timesteps),
             num_inference_steps=num_inference_steps, decoder_timesteps=decoder_timesteps,
             decoder_guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
             prior_callback_on_step_end=step_callback(callback_on_step_end, "prior"),
