@@ -377,3 +377,11 @@ def test_model_card_prior_path_is_taken_from_the_decoder_folder(tmp_path, tiny_p
     (tmp_path / "decoder" / "README.md").write_text("---\nprior:\n- ../prior\n---\n")
     pipe = wurst.WuerstchenCombinedPipeline.from_pretrained(tmp_path / "decoder")
     assert pipe.prior_pipe.name_or_path == str(tmp_path / "decoder" / "../prior")
+
+
+def test_auto_pipeline_given_the_prior_repository_names_it(tiny_prior_repo):
+    """Text to image starts from the decoder repository; the prior's is refused in one line saying which it is."""
+    with pytest.raises(ModelNotFoundError) as info:
+        wurst.AutoPipelineForText2Image.from_pretrained(tiny_prior_repo)
+    message = str(info.value)
+    assert "\n" not in message and "holds a WuerstchenPriorPipeline, not the decoder" in message

@@ -11,11 +11,10 @@ import torch
 
 from . import checks
 from .clip import CLIPTextEncoder
-from .errors import ArgumentError
 from .pipeline_base import Generator, ImagePipelineOutput, StepCallback, from_repository
 from .pipeline_decoder import WuerstchenDecoderPipeline
 from .pipeline_prior import WuerstchenPriorPipeline
-from .repository import KINDS, SchedulerConfig, prior_of, read_repository, resolve
+from .repository import SchedulerConfig, prior_of, read_repository
 from .stage_a import StageA
 from .stage_b import StageB
 from .stage_c import StageC
@@ -188,8 +187,8 @@ class WuerstchenCombinedPipeline:
 
 
 class AutoPipelineForText2Image:
-    """diffusers' AutoPipelineForText2Image for Würstchen: a decoder repository gives the combined pipeline
-    (its prior found through the model card), a prior repository is refused with the fix."""
+    """diffusers' AutoPipelineForText2Image for Würstchen: the decoder repository gives the combined pipeline, its
+    prior found through the model card. (A prior repository is refused as the combined pipeline refuses it.)"""
 
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError("AutoPipelineForText2Image is built with AutoPipelineForText2Image.from_pretrained(...)")
@@ -197,13 +196,4 @@ class AutoPipelineForText2Image:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
                         **kwargs) -> WuerstchenCombinedPipeline:  # fmt: skip
-        folder = resolve(pretrained_model_name_or_path, allow_patterns=["model_index.json", "wurst.json", "README.md"])
-        prior = KINDS["prior"]
-        if (folder / "model_index.json").is_file():
-            from .loader import read_json
-
-            if read_json(folder / "model_index.json").get("_class_name") == prior.pipeline_class:
-                raise ArgumentError(f"{pretrained_model_name_or_path} is a Würstchen prior repository; text to image "
-                                    f"starts from the decoder repository ({KINDS['decoder'].default}), whose model "
-                                    "card names the prior")  # fmt: skip
         return WuerstchenCombinedPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
