@@ -30,9 +30,8 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python -m wurst --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m wurst", description="Würstchen v2 text-to-image, in pure PyTorch.")
-    p.add_argument("prompt", help="what to draw")
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The options of one generation, shared with `python -m wurst.batch` (where they are the job's defaults)."""
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (guided stages only)")
     p.add_argument("--height", type=int, default=1024, help="image height, a multiple of 128 (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="image width, a multiple of 128 (default 1024)")
@@ -43,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-steps", type=int, default=12, help="Stage B steps (default 12)")
     p.add_argument("--prior-guidance", type=float, default=4.0, help="Stage C guidance scale (default 4)")
     p.add_argument("--decoder-guidance", type=float, default=0.0, help="Stage B guidance scale (default 0: off)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which models, where and how: shared with `python -m wurst.batch`."""
     p.add_argument("--prior", default="warp-ai/wuerstchen-prior", help="prior: hub id, or a hub or converted folder")
     p.add_argument("--decoder", default="warp-ai/wuerstchen", help="decoder: hub id, or a hub or converted folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -50,9 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
     p.add_argument("--low-memory", action="store_true",
                    help="load each model only while it runs: under 8 GB at 1024x1024 on CPU, but slower")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m wurst", description="Würstchen v2 text-to-image, in pure PyTorch.")
+    p.add_argument("prompt", help="what to draw")
+    add_generation_options(p)
+    add_model_options(p)
     p.add_argument("--output", default=None, help="PNG path (default: built from the prompt and seed, here)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files instead of refusing")
     return p
+
+
+def check_generation_options(args: argparse.Namespace) -> None:
+    """The cheap checks of add_generation_options' values, under the options' names."""
+    from wurst import checks
+
+    checks.check_size("--height", args.height), checks.check_size("--width", args.width)
+    checks.check_count("--num-images", args.num_images)
+    checks.check_guidance("--prior-guidance", args.prior_guidance)
+    checks.check_guidance("--decoder-guidance", args.decoder_guidance)
+    for name, steps in (("--prior-steps", args.prior_steps), ("--decoder-steps", args.decoder_steps)):
+        if steps is not None:
+            checks.check_count(name, steps)
+
+
+def device_and_dtype(args: argparse.Namespace):
+    """The torch device and dtype that add_model_options' --device and --dtype ask for (or the defaults)."""
+    import torch
+
+    from wurst.pipeline import default_device, default_dtype
+    from wurst.pipeline_base import parse_device
+
+    device = parse_device(args.device, "--device") if args.device else default_device()
+    return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
 
 
 def slug(prompt: str, length: int = 60) -> str:
@@ -107,28 +141,44 @@ def write_png_atomically(image, path: Path, metadata: dict[str, str]) -> None:
         raise
 
 
+def generation_settings(args: argparse.Namespace, *, prompt: str, negative_prompt: str | None, seed: int,
+                        height: int, width: int, num_images: int, device, dtype) -> dict:
+    """What made an image, as recorded in its PNG (and in batch manifests)."""
+    import wurst
+
+    return {
+        "prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
+        "height": height, "width": width, "num_images": num_images,
+        "prior_steps": args.prior_steps if args.prior_steps else "default", "decoder_steps": args.decoder_steps,
+        "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance,
+        "prior": str(args.prior), "decoder": str(args.decoder), "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "wurst_version": wurst.__version__,
+    }  # fmt: skip
+
+
+def png_metadata(settings: dict, *, image_index: int, command: list[str]) -> dict[str, str]:
+    """PNG text chunks: each setting, the image's place in its seed's batch, all of it as JSON, and the command."""
+    metadata = {k: str(v) for k, v in settings.items()}
+    metadata["image_index"] = str(image_index)  # this image's place in a --num-images batch from that seed
+    metadata["wurst"] = json.dumps({**settings, "image_index": image_index})
+    metadata["command"] = shlex.join(command)
+    return metadata
+
+
 def run(argv: list[str]) -> list[Path]:
     args = build_parser().parse_args(argv)
     import torch
 
-    import wurst
     from wurst import checks
-    from wurst.pipeline import default_device, default_dtype, load_pipeline, prior_schedule
-    from wurst.pipeline_base import parse_device
+    from wurst.pipeline import load_pipeline, prior_schedule
 
     # Cheap checks first: arguments, then the output location.
-    checks.check_size("--height", args.height), checks.check_size("--width", args.width)
-    checks.check_count("--num-images", args.num_images)
-    checks.check_guidance("--prior-guidance", args.prior_guidance)
-    checks.check_guidance("--decoder-guidance", args.decoder_guidance)
-    for name, steps in (("--prior-steps", args.prior_steps), ("--decoder-steps", args.decoder_steps)):
-        if steps is not None:
-            checks.check_count(name, steps)
+    check_generation_options(args)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     paths = output_paths(args.output, args.prompt, seed, args.num_images)
     check_writable(paths, args.overwrite)
-    device = parse_device(args.device, "--device") if args.device else default_device()
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
+    device, dtype = device_and_dtype(args)
 
     pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
                          low_memory=args.low_memory)  # fmt: skip
@@ -141,22 +191,12 @@ def run(argv: list[str]) -> list[Path]:
             generator=torch.Generator("cpu").manual_seed(seed), **prior_schedule(args.prior_steps),
         ).images  # fmt: skip
 
-    settings = {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
-        "height": args.height, "width": args.width, "num_images": args.num_images,
-        "prior_steps": args.prior_steps if args.prior_steps else "default", "decoder_steps": args.decoder_steps,
-        "prior_guidance": args.prior_guidance, "decoder_guidance": args.decoder_guidance,
-        "prior": str(args.prior), "decoder": str(args.decoder), "device": device.type,
-        "dtype": str(dtype).removeprefix("torch."),
-        "wurst_version": wurst.__version__,
-    }  # fmt: skip
+    settings = generation_settings(args, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed,
+                                   height=args.height, width=args.width, num_images=args.num_images,
+                                   device=device, dtype=dtype)  # fmt: skip
     command = ["python", "-m", "wurst", *argv, *(["--seed", str(seed)] if args.seed is None else [])]
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
-        metadata = {k: str(v) for k, v in settings.items()}
-        metadata["image_index"] = str(index)  # this image's place in a --num-images batch from that seed
-        metadata["wurst"] = json.dumps({**settings, "image_index": index})
-        metadata["command"] = shlex.join(command)
-        write_png_atomically(image, path, metadata)
+        write_png_atomically(image, path, png_metadata(settings, image_index=index, command=command))
         print(path)
     return paths
 
