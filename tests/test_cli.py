@@ -33,7 +33,7 @@ from tests.helpers import (
     run_module,
 )
 from wurst import Pipeline
-from wurst.cli import main, write_png_atomically
+from wurst.cli import main, write_file_atomically, write_png_atomically
 
 FAST = ["--height", "256", "--width", "128", "--prior-steps", "3", "--decoder-steps", "12"]
 
@@ -285,7 +285,7 @@ def test_cli_refuses_when_any_numbered_output_exists(tmp_path, capsys, no_loadin
 
 
 def failing_save(exception: BaseException):
-    """A PIL save that writes part of the file, then fails as a full disk or a Ctrl-C would."""
+    """A PIL save that encodes part of the image, then fails as a Ctrl-C would."""
 
     def save(self, fp, *args, **kwargs):
         fp.write(b"\x89PNG\r\n\x1a\n partial")
@@ -294,23 +294,41 @@ def failing_save(exception: BaseException):
     return save
 
 
-@pytest.mark.parametrize("exception", [None, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()],
-                         ids=["ok", "disk-full", "interrupt"])  # fmt: skip
-def test_write_png_atomically_leaves_no_temporary_file(exception, tmp_path, monkeypatch):
+def failing_fsync(fd):
+    """A write that fails as a full disk does: after part of the file went out."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failure", [None, "disk-full", "interrupt"])
+def test_write_png_atomically_leaves_no_temporary_file(failure, tmp_path, monkeypatch):
     target = tmp_path / "x.png"
-    if exception is None:
+    if failure is None:
         write_png_atomically(Image.new("RGB", (8, 8)), target, {"prompt": "ü"})
         assert files_in(tmp_path) == ["x.png"] and Image.open(target).text["prompt"] == "ü"
         return
-    monkeypatch.setattr(Image.Image, "save", failing_save(exception))
-    with pytest.raises(type(exception)):
+    if failure == "disk-full":
+        monkeypatch.setattr(wurst.cli.os, "fsync", failing_fsync)
+    else:
+        monkeypatch.setattr(Image.Image, "save", failing_save(KeyboardInterrupt()))
+    with pytest.raises(OSError if failure == "disk-full" else KeyboardInterrupt):
         write_png_atomically(Image.new("RGB", (8, 8)), target, {})
     assert files_in(tmp_path) == []
 
 
+def test_write_file_atomically_without_o_tmpfile_renames_a_named_temporary(tmp_path, monkeypatch):
+    """Off Linux (no O_TMPFILE) the file still appears whole, with the mode a plain open() would give it."""
+    monkeypatch.delattr(wurst.cli.os, "O_TMPFILE")
+    monkeypatch.setattr(wurst.cli.os, "replace", lambda *a: (seen.append(files_in(tmp_path)), os.rename(*a)))
+    seen, target = [], tmp_path / "x.bin"
+    write_file_atomically(target, b"new")
+    assert len(seen[0]) == 1 and seen[0][0].startswith(".x.bin.") and seen[0][0].endswith(".partial")
+    assert files_in(tmp_path) == ["x.bin"] and target.read_bytes() == b"new"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~wurst.cli.current_umask()
+
+
 @pytest.fixture
 def disk_full(monkeypatch):
-    monkeypatch.setattr(Image.Image, "save", failing_save(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    monkeypatch.setattr(wurst.cli.os, "fsync", failing_fsync)
 
 
 def test_cli_failed_write_leaves_no_file(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys, disk_full):
