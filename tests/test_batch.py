@@ -165,6 +165,7 @@ BAD_JOBS = {
     "unknown key": ('{"prompt": "a", "sed": 3}\n', "prompts.jsonl:1: unknown key 'sed'"),
     "no prompt": ('{"negative_prompt": "a"}\n', "prompts.jsonl:1: 'prompt' must be a string"),
     "negative seed": ('{"prompt": "a", "seed": -1}\n', "prompts.jsonl:1: seed must be at least 0, got -1"),
+    "huge seed": ('{"prompt": "a", "seed": 9223372036854775808}\n', "prompts.jsonl:1: seed must be below 2**63"),
     "zero images": ('{"prompt": "a", "num_images": 0}\n', "prompts.jsonl:1: num_images must be at least 1, got 0"),
     "float size": ('{"prompt": "a", "width": 128.0}\n', "prompts.jsonl:1: width must be an integer, got 128.0"),
 }
@@ -198,9 +199,10 @@ def test_bad_files_and_folders_are_refused(tmp_path, out_dir, capsys, no_model_l
         ([text, "--out", a_file], f"--out {a_file} is a file", out_dir),
         ([text, "--out", out_dir, "--batch-size", "0"], "--batch-size must be a positive integer, got 0", out_dir),
         ([text, "--out", out_dir, "--width", "100"], "--width must be a multiple of 128", out_dir),
+        ([text, "--out", out_dir, "--seed", "-1"], "--seed must be at least 0 and below 2**63, got -1", out_dir),
     ]
     for args, culprit, folder in cases:
-        code, out, err = run_batch([*args, *JOB[4:]], capsys)
+        code, out, err = run_batch([*JOB[4:], *args], capsys)
         assert_one_line_error(code, out, err, culprit, folder, prefix="wurst.batch: error: ")
     # A folder holding something else is not taken over.
     other = tmp_path / "photos"

@@ -53,7 +53,7 @@ from .errors import ArgumentError, WurstError
 
 JOB, MANIFEST, JOURNALS = "job.json", "manifest.jsonl", ".journal"
 LINE_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "num_images")
-SEEDS = 2**63  # seeds are 0 <= seed < 2**63, so that BASE + k stays a valid torch seed
+SEEDS = 2**63  # seeds are 0 <= seed < 2**63, so that BASE + k stays a valid torch seed (< 2**64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", help="a text file (one prompt per line) or a .jsonl file (one JSON object per line)")
     p.add_argument("--out", required=True, help="the output folder (created; a rerun resumes the job in it)")
     p.add_argument("--batch-size", type=int, default=1, help="images of one size per forward pass (default 1)")
-    add_generation_options(p)
+    add_generation_options(p, seed_help="base seed BASE: image k of a line without a seed draws from BASE+k "
+                                         "(default 0: a rerun must draw the same images, so never random)")
     add_model_options(p)
     p.set_defaults(seed=0)
-    for action in p._actions:  # the base seed of the job, not a random one: a rerun must draw the same images
-        if action.dest == "seed":
-            action.help = "base seed: image k of a line without its own seed uses BASE+k (default 0)"
     return p
 
 
@@ -143,8 +141,10 @@ def checked(where: str, key: str, value, kind: type, minimum: int | None = None)
         raise ArgumentError(f"{where}: {key} must be a string, got {value!r}")
     if key in ("height", "width"):
         checks.check_size(f"{where}: {key}", value)
-    elif minimum is not None and not minimum <= value < SEEDS:
+    elif minimum is not None and value < minimum:
         raise ArgumentError(f"{where}: {key} must be at least {minimum}, got {value}")
+    elif key == "seed" and value >= SEEDS:
+        raise ArgumentError(f"{where}: seed must be below 2**63, got {value}")
     return value
 
 
@@ -388,6 +388,8 @@ def run(argv: list[str]) -> None:
     # The job's checks, before any model loads; every process makes them and reaches the same verdict.
     check_generation_options(args)
     checks.check_count("--batch-size", args.batch_size)
+    if not 0 <= args.seed < SEEDS:
+        raise ArgumentError(f"--seed must be at least 0 and below 2**63, got {args.seed}")
     prompts, out = Path(args.prompts), Path(args.out)
     images = read_prompts(prompts, args)
     groups = plan_groups(images, args.batch_size)

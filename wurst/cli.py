@@ -30,12 +30,14 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python -m wurst --help)")
 
 
-def add_generation_options(p: argparse.ArgumentParser) -> None:
+def add_generation_options(
+    p: argparse.ArgumentParser, seed_help: str = "torch.Generator('cpu').manual_seed(SEED); random if unset"
+) -> None:
     """The options of one generation, shared with `python -m wurst.batch` (where they are the job's defaults)."""
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (guided stages only)")
     p.add_argument("--height", type=int, default=1024, help="image height, a multiple of 128 (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="image width, a multiple of 128 (default 1024)")
-    p.add_argument("--seed", type=int, default=None, help="torch.Generator('cpu').manual_seed(SEED); random if unset")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
     p.add_argument("--prior-steps", type=int, default=None,
                    help="Stage C steps (default: the 29-step DEFAULT_STAGE_C_TIMESTEPS schedule)")  # fmt: skip
