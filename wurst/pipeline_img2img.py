@@ -61,6 +61,12 @@ def resolve_image_encoder(image_encoder: str | os.PathLike | nn.Module | None, p
     return effnet.fetch_image_encoder(dtype, "cpu")
 
 
+def early_image_encoder(image_encoder: str | os.PathLike | nn.Module | None, prior: str | os.PathLike,
+                        dtype: torch.dtype) -> nn.Module:  # fmt: skip
+    """resolve_image_encoder before the prior is read, with `prior` as given (a hub id is never converted)."""
+    return resolve_image_encoder(image_encoder, str(prior) if os.path.isdir(prior) else None, dtype)
+
+
 class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
     """Image to image, variations and reconstruction: WuerstchenCombinedPipeline's components plus
     `image_encoder` (Stage C's EfficientNet encoder)."""
@@ -94,6 +100,8 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         """As WuerstchenCombinedPipeline.from_pretrained, plus the image encoder: `image_encoder` (an original
         model_v2_stage_b.pt, a converted folder holding stage_c_encoder.safetensors, or a module); by default the
         converted prior folder's, else the published one, fetched once through the Hugging Face cache."""
+        if prior_repo is not None:  # the encoder first: a missing one is found before the large models load
+            image_encoder = early_image_encoder(image_encoder, prior_repo, torch_dtype or torch.float32)
         combined = WuerstchenCombinedPipeline.from_pretrained(
             pretrained_model_name_or_path, prior_repo=prior_repo, torch_dtype=torch_dtype, low_memory=low_memory,
             **components)  # fmt: skip
@@ -296,8 +304,10 @@ def load_img2img_pipeline(
     device: torch.device | str | None = None, dtype: torch.dtype | None = None, low_memory: bool = False,
 ) -> WuerstchenImg2ImgPipeline:  # fmt: skip
     """As wurst.load_pipeline (wurst's device and dtype defaults), for image to image."""
-    from .pipeline import load_pipeline
+    from .pipeline import default_device, default_dtype, load_pipeline
 
+    dtype = dtype or default_dtype(torch.device(device) if device is not None else default_device())
+    encoder = early_image_encoder(image_encoder, prior, dtype)
     combined = load_pipeline(prior=prior, decoder=decoder, device=device, dtype=dtype, low_memory=low_memory)
-    return WuerstchenImg2ImgPipeline.from_pipes(combined.prior_pipe, combined.decoder_pipe, image_encoder)
+    return WuerstchenImg2ImgPipeline.from_pipes(combined.prior_pipe, combined.decoder_pipe, encoder)
 
