@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -16,9 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import assert_one_line_error, files_in, run_cli, seeded
+from tests.helpers import ROOT, assert_one_line_error, files_in, run_cli, seeded
 from tests.image_fixtures import TINY_ENCODER, photo, save_stage_b_release, tiny_encoder
-from tools import convert_weights
+from tools import convert_weights, hub_fixtures
 from wurst import ModelNotFoundError, WuerstchenCombinedPipeline, effnet
 from wurst.errors import ArgumentError, ConfigError
 from wurst.pipeline_img2img import AutoPipelineForImage2Image, WuerstchenImg2ImgPipeline
@@ -157,7 +159,7 @@ def test_img2img_reproduces_and_lines_up_in_batches(pipe):
 def test_size_defaults_follow_the_first_image(pipe):
     images = pipe(image=photo(300, 700), strength=0.0, num_inference_steps=1, output_type="pt",
                   generator=seeded(0)).images  # fmt: skip
-    assert images.shape[-2:] == (256, 640)  # 300x700 -> the 128 grid: 256 (2.3 -> 2) by 640 (5.5 -> 5)... of 128
+    assert images.shape[-2:] == (256, 640)  # 300x700 to the nearest multiples of 128: 2.3 and 5.5 -> 2 and 5
     out = pipe(image=Image.fromarray(photo(64, 64)), strength=0.0, num_inference_steps=1, output_type="np",
                generator=seeded(0)).images  # fmt: skip
     assert out.shape == (1, 128, 128, 3)
@@ -337,3 +339,59 @@ def test_converter_writes_the_encoder_with_the_prior(pipe, tiny_prior_repo, tiny
     assert convert_weights.main(["--prior", str(out / "prior"), "--decoder", str(out / "decoder"), "--out",
                                  str(again)]) == 0  # fmt: skip
     assert effnet.has_converted(again / "prior")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's examples, offline on the tiny models placed under the real hub ids
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Image to image, variations and reconstruction"):text.index("## Speed")]
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+
+
+@pytest.fixture
+def real_ids_offline(tmp_path, monkeypatch):
+    """The tiny models as warp-ai/wuerstchen(-prior) and a tiny model_v2_stage_b.pt as dome272/wuerstchen's, in an
+    offline Hugging Face cache; an empty wurst cache; a working folder holding fox.jpg."""
+    from huggingface_hub import constants
+
+    hub = hub_fixtures.offline_hub_cache(tmp_path / "hub")
+    commit = "2" * 40
+    repo = hub / "models--dome272--wuerstchen"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_stage_b_release(tiny_encoder(), repo / "snapshots" / commit / "model_v2_stage_b.pt")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("WURST_CACHE", str(tmp_path / "wurst"))
+    work = tmp_path / "work"
+    work.mkdir()
+    Image.fromarray(photo(160, 240)).save(work / "fox.jpg")
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_readme_python_example_runs(real_ids_offline):
+    (block,) = readme_blocks("python")
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert namespace["edited"].size == (256, 128)  # fox.jpg's 240x160 on the 128 grid
+    assert len(namespace["variations"]) == 4 and namespace["reconstruction"].size == (256, 128)
+    assert (real_ids_offline / "fox-oil.png").is_file()
+    assert effnet.has_converted(real_ids_offline.parent / "wurst" / "image_encoder" / "dome272--wuerstchen")
+
+
+def test_readme_command_line_examples_run(real_ids_offline, capsys):
+    lines = [line.split("#")[0] for line in readme_blocks("sh")[0].splitlines() if "--image fox.jpg" in line]
+    assert len(lines) == 2
+    for line in lines:
+        args = shlex.split(line)[3:]  # after "python -m wurst"
+        code, stdout, err = run_cli([*args, "--height", "128", "--width", "128"], capsys)  # the tiny size: quick
+        assert code == 0, err
+    assert sorted(p.name for p in real_ids_offline.glob("*.png")) == ["fox-1-1.png", "fox-1-2.png", "fox-1-3.png",
+                                                                       "fox-1-4.png", "fox-oil.png"]  # fmt: skip
