@@ -17,28 +17,15 @@ from tools import hub_fixtures
 from wurst import CheckpointError, ConfigError, ModelNotFoundError, effnet
 
 
-def import_torchvision():
-    """torchvision (a test-only dependency). PyPI's Linux wheel is built for CUDA torch: beside the CPU torch its
-    C extension cannot load, and torchvision's import then fails registering fakes for two of its detection ops.
-    Declaring those two ops first lets it import; the models used here need none of its C operators."""
-    try:
-        import torchvision
-    except RuntimeError:
-        library = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import_torchvision.library = library  # type: ignore[attr-defined]  # the definitions live as long as it
-        import torchvision
-    return torchvision
-
-
 class OriginalEncoder(nn.Module):
     """The original EfficientNetEncoder (Würstchen v2's Stage C image encoder), as the release's key layout has
     it: `backbone` is torchvision's efficientnet_v2_s().features, `mapper` a 1x1 conv and a BatchNorm2d."""
 
     def __init__(self, c_latent: int = 16):
         super().__init__()
-        self.backbone = import_torchvision().models.efficientnet_v2_s().features
+        # torchvision is a test extra (tests/conftest.py lets its CUDA wheel import beside the CPU torch).
+        torchvision = pytest.importorskip("torchvision", reason="a test extra: pip install -e '.[test]'")
+        self.backbone = torchvision.models.efficientnet_v2_s().features
         self.mapper = nn.Sequential(nn.Conv2d(1280, c_latent, kernel_size=1, bias=False), nn.BatchNorm2d(c_latent))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
