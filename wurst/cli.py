@@ -204,19 +204,19 @@ def run(argv: list[str]) -> list[Path]:
 
     # Cheap checks first: arguments, the input images, then the output location.
     check_generation_options(args)
-    images = check_image_options(args)
+    inputs = check_image_options(args)  # the --image files, read
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    count = args.num_images * max(1, len(images))
+    count = args.num_images * max(1, len(inputs))
     paths = output_paths(args.output, args.prompt or Path(args.image[0]).stem, seed, count)
     check_writable(paths, args.overwrite)
     device, dtype = device_and_dtype(args)
 
-    if images:
+    if inputs:
         from wurst.pipeline_img2img import load_img2img_pipeline
 
         pipe = load_img2img_pipeline(prior=args.prior, decoder=args.decoder, image_encoder=args.image_encoder,
                                      device=device, dtype=dtype, low_memory=args.low_memory)  # fmt: skip
-        image_options = {"image": images, "strength": 0.8 if args.strength is None else args.strength}
+        image_options = {"image": inputs, "strength": 0.8 if args.strength is None else args.strength}
     else:
         pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
                              low_memory=args.low_memory)  # fmt: skip
@@ -233,7 +233,7 @@ def run(argv: list[str]) -> list[Path]:
     settings = generation_settings(args, prompt=args.prompt or "", negative_prompt=args.negative_prompt, seed=seed,
                                    height=args.height, width=args.width, num_images=args.num_images,
                                    device=device, dtype=dtype)  # fmt: skip
-    if images:
+    if inputs:
         settings.update(image=" ".join(args.image), strength=image_options["strength"],
                         image_encoder=args.image_encoder or "default")  # fmt: skip
     command = ["python", "-m", "wurst", *argv, *(["--seed", str(seed)] if args.seed is None else [])]
