@@ -6,12 +6,17 @@
     python tools/convert_weights.py --out converted --stage-c model_v2_stage_c.pt --stage-b model_v2_stage_b.pt \\
         --stage-a vqgan_f4_v1_500k.pt                                      # the original dome272 release files
     python tools/convert_weights.py --out blend --interpolate base.pt aesthetic.pt --alpha 0.5
+    python tools/convert_weights.py --out converted --image-encoder model_v2_stage_b.pt   # for image to image
 
 The text encoders and tokenizers always come from --prior and --decoder (hub ids or directories in hub or wurst
 layout). --stage-c/-b/-a replace a stage's weights with those of an original-format .pt file or a hub component
 folder (prior/, decoder/, vqgan/). --interpolate A B --alpha W makes Stage C (1 - W)·A + W·B (the published
 prior is the 50% blend of v2-base and v2-aesthetic). The output loads with wurst.Pipeline.from_pretrained(
 prior="OUT/prior", decoder="OUT/decoder"); the converter reloads it and checks every tensor before it finishes.
+
+Stage C's image encoder (image to image) is written into OUT/prior as stage_c_encoder.safetensors: from
+--image-encoder (an original .pt holding effnet_state_dict, or a converted folder), else from a --stage-b release
+file that holds one, else carried over from a converted --prior that has one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import wurst  # noqa: E402
 from tools import original_format  # noqa: E402
+from wurst import effnet  # noqa: E402
 from wurst.components import COMPONENTS  # noqa: E402
 from wurst.loader import ALIGNMENT, config_from_dict, load_module, read_weights, weight_files  # noqa: E402
 from wurst.repository import CONVERTED_INDEX, KINDS, MODEL_CARD, Repository, read_repository  # noqa: E402
@@ -67,6 +73,20 @@ def interpolated_stage_c(a: str, b: str, alpha: float, replaced: torch.nn.Module
     return load_module(lambda: spec.model_cls(cfg_a), blended, spec.key_map, f"{a} + {b}")
 
 
+def read_image_encoder(args: argparse.Namespace, prior: Repository) -> torch.nn.Module | None:
+    """Stage C's image encoder: --image-encoder, else the one a --stage-b release file or converted prior holds."""
+    if args.image_encoder:
+        return effnet.load_image_encoder(args.image_encoder, torch.float32, "cpu")
+    if args.stage_b and Path(args.stage_b).is_file():
+        try:
+            return effnet.load_original(args.stage_b, torch.float32, "cpu")
+        except wurst.CheckpointError:  # a Stage B file without the encoder: image to image needs it elsewhere
+            pass
+    if effnet.has_converted(prior.folder):
+        return effnet.load_converted(prior.folder, torch.float32, "cpu")
+    return None
+
+
 def cast_state(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     state = {}
     for name, tensor in module.state_dict().items():
@@ -100,9 +120,10 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
             f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], dtype: torch.dtype | None) -> dict:
+def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], dtype: torch.dtype | None,
+               image_encoder: torch.nn.Module | None = None) -> dict:  # fmt: skip
     """Write one converted folder under a temporary name and swap it in only when complete, so a failure
-    leaves neither a half-made folder nor a lost old one."""
+    leaves neither a half-made folder nor a lost old one. `image_encoder` (Stage C's) goes with the prior."""
     target, partial, old = out / repo.kind, out / f".{repo.kind}.partial", out / f".{repo.kind}.old"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -115,6 +136,10 @@ def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], 
         "pipeline": dataclasses.asdict(repo.pipeline_config), "scheduler": dataclasses.asdict(repo.scheduler),
         "models": {COMPONENTS[name].converted_name: dataclasses.asdict(model.config) for name, model in models.items()},
     }  # fmt: skip
+    if image_encoder is not None:
+        written[effnet.CONVERTED_NAME] = cast_state(image_encoder, dtype)
+        save_aligned(written[effnet.CONVERTED_NAME], partial / f"{effnet.CONVERTED_NAME}.safetensors")
+        index["models"][effnet.CONVERTED_NAME] = dataclasses.asdict(image_encoder.config)
     (partial / CONVERTED_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if repo.kind == "decoder":  # the model card that names the prior, as the hub's does (a path from here)
         (partial / MODEL_CARD).write_text("---\nprior:\n- ../prior\n---\n")
@@ -136,7 +161,10 @@ def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], 
 def verify(folder: Path, kind: str, written: dict[str, dict[str, torch.Tensor]]) -> None:
     reread = read_repository(folder, kind)
     for name, state in written.items():
-        reloaded = reread.load(name, dtype=None, device="cpu").state_dict()
+        if name == effnet.CONVERTED_NAME:
+            reloaded = effnet.load_converted(folder).state_dict()
+        else:
+            reloaded = reread.load(name, dtype=None, device="cpu").state_dict()
         for key, tensor in state.items():
             if not torch.equal(reloaded[key].to(tensor.dtype), tensor):
                 raise wurst.CheckpointError(f"{folder}: {name} tensor {key!r} did not survive reloading")
@@ -153,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-a", help="Stage A weights: original .pt file or hub vqgan/ folder")
     parser.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="Stage C = (1 - alpha) A + alpha B")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of B in --interpolate (default 0.5)")
+    parser.add_argument("--image-encoder", help="Stage C's image encoder for image to image: an original .pt "
+                        "holding effnet_state_dict (model_v2_stage_b.pt) or a converted folder (default: from "
+                        "--stage-b or a converted --prior, when they hold one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     try:
@@ -188,8 +219,10 @@ def convert(args: argparse.Namespace) -> None:
     if args.stage_a:
         models["decoder"]["vqgan"] = load_stage(args.stage_a, "vqgan", models["decoder"]["vqgan"])
 
+    image_encoder = read_image_encoder(args, repos["prior"])
+
     for kind, repo in repos.items():
-        written = write_repo(out, repo, models.pop(kind), dtype)
+        written = write_repo(out, repo, models.pop(kind), dtype, image_encoder if kind == "prior" else None)
         verify(out / kind, kind, written)
         print(out / kind)
         del written

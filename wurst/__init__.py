@@ -12,6 +12,7 @@ from .pipeline import Decoder, Pipeline, Prior, generate, load_pipeline
 from .pipeline_base import ImagePipelineOutput, WuerstchenPriorPipelineOutput
 from .pipeline_combined import AutoPipelineForText2Image, WuerstchenCombinedPipeline
 from .pipeline_decoder import WuerstchenDecoderPipeline
+from .pipeline_img2img import AutoPipelineForImage2Image, WuerstchenImg2ImgPipeline
 from .pipeline_prior import WuerstchenPriorPipeline
 from .sampler import DEFAULT_STAGE_C_TIMESTEPS
 from .stage_a import StageA, StageAConfig
@@ -21,6 +22,8 @@ from .tokenizer import CLIPTokenizer, PromptTruncatedWarning
 
 __all__ = [
     "AutoPipelineForText2Image",
+    "AutoPipelineForImage2Image",
+    "WuerstchenImg2ImgPipeline",
     "WuerstchenCombinedPipeline",
     "WuerstchenPriorPipeline",
     "WuerstchenDecoderPipeline",

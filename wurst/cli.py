@@ -57,11 +57,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="load each model only while it runs: under 8 GB at 1024x1024 on CPU, but slower")  # fmt: skip
 
 
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """Image to image (wurst/pipeline_img2img.py): --strength 0 gives variations of the image."""
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="start from this image (repeat for several); the prompt is then optional")  # fmt: skip
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how far Stage C re-noises it, 0 to 1 (default 0.8; 0: variations)")  # fmt: skip
+    p.add_argument("--image-encoder", default=None, metavar="REF",
+                   help="Stage C's image encoder: model_v2_stage_b.pt or a converted folder (default: the prior's, "
+                        "else dome272/wuerstchen's, through the Hugging Face cache)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m wurst", description="Würstchen v2 text-to-image, in pure PyTorch.")
-    p.add_argument("prompt", help="what to draw")
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw (optional with --image)")
     add_generation_options(p)
     add_model_options(p)
+    add_image_options(p)
     p.add_argument("--output", default=None, help="PNG path (default: built from the prompt and seed, here)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files instead of refusing")
     return p
@@ -89,6 +101,23 @@ def device_and_dtype(args: argparse.Namespace):
 
     device = parse_device(args.device, "--device") if args.device else default_device()
     return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
+
+
+def check_image_options(args: argparse.Namespace) -> list:
+    """The --image files read (each (3, H, W) in [0, 1]), after the checks of the options that go with them."""
+    if not args.image:
+        if args.prompt is None:
+            raise UsageError("the following arguments are required: prompt (see python -m wurst --help)")
+        for option in ("strength", "image_encoder"):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option.replace('_', '-')} needs --image")
+        return []
+    from wurst.pipeline_img2img import check_strength
+    from wurst.preprocess import to_tensor
+
+    if args.strength is not None:
+        check_strength(args.strength, "--strength")
+    return [to_tensor(path, f"--image {path}") for path in args.image]
 
 
 def slug(prompt: str, length: int = 60) -> str:
@@ -219,27 +248,40 @@ def run(argv: list[str]) -> list[Path]:
     from wurst import checks
     from wurst.pipeline import load_pipeline, prior_schedule
 
-    # Cheap checks first: arguments, then the output location.
+    # Cheap checks first: arguments, the input images, then the output location.
     check_generation_options(args)
+    inputs = check_image_options(args)  # the --image files, read
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    paths = output_paths(args.output, args.prompt, seed, args.num_images)
+    count = args.num_images * max(1, len(inputs))
+    paths = output_paths(args.output, args.prompt or Path(args.image[0]).stem, seed, count)
     check_writable(paths, args.overwrite)
     device, dtype = device_and_dtype(args)
 
-    pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
-                         low_memory=args.low_memory)  # fmt: skip
+    if inputs:
+        from wurst.pipeline_img2img import load_img2img_pipeline
+
+        pipe = load_img2img_pipeline(prior=args.prior, decoder=args.decoder, image_encoder=args.image_encoder,
+                                     device=device, dtype=dtype, low_memory=args.low_memory)  # fmt: skip
+        image_options = {"image": inputs, "strength": 0.8 if args.strength is None else args.strength}
+    else:
+        pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
+                             low_memory=args.low_memory)  # fmt: skip
+        image_options = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", checks.LargeSizeWarning)  # already said above, under the option's name
         images = pipe(
             args.prompt, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
             num_images_per_prompt=args.num_images, prior_guidance_scale=args.prior_guidance,
             num_inference_steps=args.decoder_steps, decoder_guidance_scale=args.decoder_guidance,
-            generator=torch.Generator("cpu").manual_seed(seed), **prior_schedule(args.prior_steps),
+            generator=torch.Generator("cpu").manual_seed(seed), **prior_schedule(args.prior_steps), **image_options,
         ).images  # fmt: skip
 
-    settings = generation_settings(args, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=seed,
+    settings = generation_settings(args, prompt=args.prompt or "", negative_prompt=args.negative_prompt, seed=seed,
                                    height=args.height, width=args.width, num_images=args.num_images,
                                    device=device, dtype=dtype)  # fmt: skip
+    if inputs:
+        settings.update(image=" ".join(args.image), strength=image_options["strength"],
+                        image_encoder=args.image_encoder or "default")  # fmt: skip
     command = ["python", "-m", "wurst", *argv, *(["--seed", str(seed)] if args.seed is None else [])]
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
         write_png_atomically(image, path, png_metadata(settings, image_index=index, command=command))
