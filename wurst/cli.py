@@ -51,8 +51,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
-    p.add_argument("--low-memory", action="store_true",
-                   help="load each model only while it runs: under 8 GB at 1024x1024 on CPU, but slower")  # fmt: skip
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--low-memory", dest="low_memory", action="store_true",
+                      help="load each model only while it runs (the default on cpu): about 5 GB at 1024x1024")
+    mode.add_argument("--resident", dest="low_memory", action="store_false",
+                      help="keep all five models loaded (the default on GPUs): about 13 GB in float32")
+    p.set_defaults(low_memory=None)
+    p.add_argument("--force", action="store_true",
+                   help="run even when the memory estimate says the device has too little")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +95,17 @@ def device_and_dtype(args: argparse.Namespace):
     return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
 
 
+def check_memory(pipe, args: argparse.Namespace, *, height: int, width: int, num_images: int) -> None:
+    """Refuse a generation whose estimated peak memory the device cannot give (unless --force), saying what
+    would fit, under the options' names."""
+    from wurst import memory
+
+    if not args.force:
+        memory.check_fits(pipe, height=height, width=width, images_per_prompt=num_images,
+                          prior_guidance_scale=args.prior_guidance, decoder_guidance_scale=args.decoder_guidance,
+                          names=memory.CLI_NAMES)  # fmt: skip
+
+
 def slug(prompt: str, length: int = 60) -> str:
     words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     return words[:length].rstrip("-") or "image"
@@ -102,6 +119,27 @@ def output_paths(output: str | None, prompt: str, seed: int, count: int) -> list
     if count == 1:
         return [base]
     return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(count)]
+
+
+def numbered_outputs_taken(base: Path, count: int) -> list[Path]:
+    """Those of output_paths(..., count)'s numbered paths that exist, from one listing of the folder (so that a
+    huge --num-images costs nothing before the memory check refuses it)."""
+    pattern = re.compile(re.escape(base.stem) + r"-([1-9][0-9]*)" + re.escape(base.suffix) + "$")
+    try:
+        names = os.listdir(base.parent)
+    except OSError:
+        return []
+    numbers = sorted(int(m.group(1)) for name in names if (m := pattern.match(name)))
+    return [base.with_name(f"{base.stem}-{n}{base.suffix}") for n in numbers if n <= count]
+
+
+def check_outputs(output: str | None, prompt: str, seed: int, count: int, overwrite: bool) -> None:
+    """check_writable for the paths output_paths gives, without listing them (only those that exist matter)."""
+    base = output_paths(output, prompt, seed, 1)[0]
+    if count == 1:
+        return check_writable([base], overwrite)
+    first = base.with_name(f"{base.stem}-1{base.suffix}")
+    check_writable([first, *numbered_outputs_taken(base, count)], overwrite)
 
 
 def check_writable(paths: list[Path], overwrite: bool) -> None:
@@ -173,15 +211,21 @@ def run(argv: list[str]) -> list[Path]:
     from wurst import checks
     from wurst.pipeline import load_pipeline, prior_schedule
 
-    # Cheap checks first: arguments, then the output location.
-    check_generation_options(args)
+    # Cheap checks first: arguments, then the output location. A size warning waits for the memory check, which
+    # may refuse the size outright.
+    with warnings.catch_warnings(record=True) as size_warnings:
+        warnings.simplefilter("always")
+        check_generation_options(args)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    paths = output_paths(args.output, args.prompt, seed, args.num_images)
-    check_writable(paths, args.overwrite)
+    check_outputs(args.output, args.prompt, seed, args.num_images, args.overwrite)
     device, dtype = device_and_dtype(args)
 
     pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
-                         low_memory=args.low_memory)  # fmt: skip
+                         low_memory=args.low_memory, force=args.force)  # fmt: skip
+    check_memory(pipe, args, height=args.height, width=args.width, num_images=args.num_images)
+    paths = output_paths(args.output, args.prompt, seed, args.num_images)
+    for warning in size_warnings:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", checks.LargeSizeWarning)  # already said above, under the option's name
         images = pipe(
