@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import wurst
 from tests.helpers import ONE_STEP, SHORT_PROMPT, WEIGHTS, assert_one_line_error, edit_weights, run_cli, run_module
+from tools import convert_weights
+from wurst import CheckpointError, ConfigError, clip
+from wurst.loader import load_module, read_config, read_weights
 
 SECONDS = 5  # "a few seconds": a hang or a model built at an absurd size takes far longer
 
@@ -51,6 +55,19 @@ def integer_tensor(component: str, name: str, dtype: torch.dtype):
         path = repo / component / (WEIGHTS if component != "text_encoder" else "model.safetensors")
         edit_weights(path, lambda state: state.__setitem__(name, state[name].round().to(dtype)))
         return path.parent
+
+    return damage
+
+
+def shrink_text_encoder(embedding: str, rows: int):
+    """A damage: the text encoder's token or position embedding cut to `rows`, its config saying so."""
+
+    def damage(repo: Path) -> Path:
+        name = f"text_model.embeddings.{embedding}.weight"
+        edit_weights(repo / "text_encoder" / "model.safetensors",
+                     lambda state: state.__setitem__(name, state[name][:rows].clone()))  # fmt: skip
+        field = "vocab_size" if embedding == "token_embedding" else "max_position_embeddings"
+        return set_config("text_encoder", **{field: rows})(repo)
 
     return damage
 
@@ -132,6 +149,13 @@ HOSTILE = {
                                   "the field 'intermediate_size' is 96, but {weights} holds 48"),
     "text-encoder-positions-mismatch": ("prior", set_config("text_encoder", max_position_embeddings=100),
                                         "the field 'max_position_embeddings' is 100, but {weights} holds 77"),
+    # Text encoders too small for their tokenizer (config and weights agreeing)
+    "text-encoder-vocabulary-smaller-than-the-tokenizer": ("prior", shrink_text_encoder("token_embedding", 1000),
+                                                           "{config}: the field 'vocab_size' is 1000, but the "
+                                                           "tokenizer gives ids up to 49407"),
+    "text-encoder-positions-fewer-than-the-tokens": ("decoder", shrink_text_encoder("position_embedding", 16),
+                                                     "{config}: the field 'max_position_embeddings' is 16, but the "
+                                                     "tokenizer pads prompts to 77 tokens"),
 }  # fmt: skip
 
 
@@ -213,3 +237,51 @@ def test_cli_refuses_devices_that_are_not_here(device, culprit, out_dir, capsys,
                               "--output", out_dir / "x.png"], capsys)  # fmt: skip
     assert_one_line_error(code, out, err, culprit, out_dir)
     assert time.perf_counter() - start < SECONDS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same checks from Python, in wurst's converted layout, and before anything is built
+
+
+def test_absurd_depth_is_refused_before_any_module_is_built(tmp_path, tiny_prior_repo, monkeypatch):
+    copy = tmp_path / "prior"
+    shutil.copytree(tiny_prior_repo, copy)
+    set_config("prior", depth=10**9)(copy)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Stage C was built")
+
+    monkeypatch.setattr(wurst.StageC, "__init__", refuse)
+    with pytest.raises(ConfigError, match=r"the field 'depth' is 1000000000, but .* holds 2 \(6 blocks: blocks.0 to "
+                                          r"blocks.5\)"):  # fmt: skip
+        wurst.WuerstchenPriorPipeline.from_pretrained(copy, low_memory=True)
+    with pytest.raises(ConfigError, match="the field 'depth' is 1000000000"):
+        wurst.load_stage_c(copy / "prior")
+
+
+def test_integer_weights_are_refused_when_a_model_is_loaded_directly(tmp_path, tiny_decoder_repo):
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(tiny_decoder_repo / "text_encoder", folder)
+    name = "text_model.final_layer_norm.weight"
+    edit_weights(folder / "model.safetensors", lambda state: state.__setitem__(name, state[name].to(torch.int16)))
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds int16 where a floating weight belongs"):
+        wurst.load_clip_text_encoder(folder)
+    # and by load_module, on tensors already read (the path low-memory mode takes at each use)
+    state = read_weights([folder / "model.safetensors"])
+    config = read_config(wurst.CLIPTextConfig, folder / "config.json")
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' holds int16"):
+        load_module(lambda: wurst.CLIPTextEncoder(config), state, clip.CHECKPOINT_KEYS, "here")
+
+
+def test_converted_layout_config_mismatch_names_its_entry(tmp_path, tiny_prior_repo, tiny_decoder_repo):
+    out = tmp_path / "converted"
+    assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
+                                 "--out", str(out)]) == 0  # fmt: skip
+    index_path = out / "decoder" / "wurst.json"
+    index = json.loads(index_path.read_text())
+    index["models"]["stage_b"]["blocks"] = [1, 1, 10**9, 1]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ConfigError) as info:
+        wurst.WuerstchenDecoderPipeline.from_pretrained(out / "decoder")
+    assert str(info.value).startswith(f"{index_path} (models.stage_b): the field 'blocks[2]' is 1000000000, but "
+                                      f"{out / 'decoder' / 'stage_b.safetensors'} holds 2")  # fmt: skip

@@ -142,12 +142,14 @@ def read_hub(folder: Path, kind: str) -> Repository:
     for c in spec.components:
         check_against_weights(c, config=configs[c], files=files[c],
                               config_source=str(folder / COMPONENTS[c].folder / "config.json"))  # fmt: skip
+    tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+    check_tokenizer(tokenizer, configs["text_encoder"], str(folder / "text_encoder" / "config.json"))
     return Repository(
         folder=folder,
         kind=kind,
         pipeline_config=config_from_dict(spec.config_cls, index, str(folder / "model_index.json")),
         scheduler=read_config(SchedulerConfig, scheduler_path) if scheduler_path.is_file() else SchedulerConfig(),
-        tokenizer=CLIPTokenizer.from_dir(folder / "tokenizer"),
+        tokenizer=tokenizer,
         configs=configs,
         files=files,
         converted=False,
@@ -174,16 +176,29 @@ def read_converted(folder: Path, kind: str) -> Repository:
         files[component] = [folder / f"{spec.converted_name}.safetensors"]
         check_against_weights(component, config=configs[component], files=files[component], converted=True,
                               config_source=source)  # fmt: skip
+    tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+    check_tokenizer(tokenizer, configs["text_encoder"], f"{index_path} (models.text_encoder)")
     return Repository(
         folder=folder,
         kind=kind,
         pipeline_config=config_from_dict(KINDS[kind].config_cls, index["pipeline"], f"{index_path} (pipeline)"),
         scheduler=config_from_dict(SchedulerConfig, index["scheduler"], f"{index_path} (scheduler)"),
-        tokenizer=CLIPTokenizer.from_dir(folder / "tokenizer"),
+        tokenizer=tokenizer,
         configs=configs,
         files=files,
         converted=True,
     )
+
+
+def check_tokenizer(tokenizer: CLIPTokenizer, config, source: str) -> None:
+    """The text encoder must have a row for every id the tokenizer gives and a position for every token."""
+    ids = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    if ids > config.vocab_size:
+        raise ConfigError(f"{source}: the field 'vocab_size' is {config.vocab_size}, but the tokenizer gives ids up to "
+                          f"{ids - 1}")  # fmt: skip
+    if tokenizer.max_length > config.max_position_embeddings:
+        raise ConfigError(f"{source}: the field 'max_position_embeddings' is {config.max_position_embeddings}, but the "
+                          f"tokenizer pads prompts to {tokenizer.max_length} tokens")  # fmt: skip
 
 
 def check_repo(folder: Path, kind: str, folders: list[str]) -> dict:
