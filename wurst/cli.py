@@ -55,7 +55,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--low-memory", dest="low_memory", action="store_true",
                       help="load each model only while it runs (the default on cpu): about 5 GB at 1024x1024")
     mode.add_argument("--resident", dest="low_memory", action="store_false",
-                      help="keep all five models loaded (the default on GPUs): about 13 GB in float32")
+                      help="keep all five models loaded (the default on GPUs): about 13 GB in float32 at 512x512")
     p.set_defaults(low_memory=None)
     p.add_argument("--force", action="store_true",
                    help="run even when the memory estimate says the device has too little")  # fmt: skip
