@@ -91,7 +91,7 @@ def device_and_dtype(args: argparse.Namespace):
     from wurst.pipeline import default_device, default_dtype
     from wurst.pipeline_base import parse_device
 
-    device = parse_device(args.device, "--device") if args.device else default_device()
+    device = parse_device(args.device, "--device", allow_meta=False) if args.device else default_device()
     return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
 
 
@@ -220,6 +220,8 @@ def run(argv: list[str]) -> list[Path]:
     check_outputs(args.output, args.prompt, seed, args.num_images, args.overwrite)
     device, dtype = device_and_dtype(args)
 
+    # Loading reads the configs and maps the weights; nothing is computed before the memory check, which comes
+    # before the numbered outputs are listed (an absurd --num-images is refused, not listed).
     pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
                          low_memory=args.low_memory, force=args.force)  # fmt: skip
     check_memory(pipe, args, height=args.height, width=args.width, num_images=args.num_images)

@@ -88,7 +88,8 @@ def _stage_b(cfg, side: tuple[int, int], batch: int, e: int) -> int:
         skip = c + injected  # what the up path's first block concatenates
         working = max(working, batch * pixels * (RESBLOCK * c + skip) * e)
         kept += batch * pixels * (c + 2 * injected) * e  # the level's output for the skip, its two injections
-        kept += 2 * batch * TOKENS * c * e * cfg.blocks[i] * cfg.level_config[i].count("A") * 2
+        attention_blocks = 2 * cfg.blocks[i] * cfg.level_config[i].count("A")  # down and up path
+        kept += attention_blocks * 2 * batch * TOKENS * c * e  # their text keys and values
     return working + kept
 
 
@@ -122,7 +123,8 @@ def estimate(pipe, *, height: int, width: int, prompts: int = 1, images_per_prom
     activations = {
         "prior text encoder": _text(configs["prior text encoder"], prompts * (2 if prior_guidance_scale > 1 else 1), e),
         "Stage C": _stage_c(configs["Stage C"], c_side[0] * c_side[1], prior_batch, e),
-        "decoder text encoder": _text(configs["decoder text encoder"], 2 * prompts, e),
+        "decoder text encoder": _text(configs["decoder text encoder"],
+                                      prompts * (2 if decoder_guidance_scale > 1 else 1), e),
         "Stage B": _stage_b(configs["Stage B"], b_side, decoder_batch, e),
         "Stage A": _stage_a(configs["Stage A"], b_side, images, e),
     }

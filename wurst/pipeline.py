@@ -43,7 +43,7 @@ def load_pipeline(
     False keeps all five loaded; by default low-memory on the CPU (the weights come back from the page cache at no
     measurable cost) and resident elsewhere. Resident models that do not fit in the device's free memory are
     refused before they are moved there, unless force=True."""
-    device = parse_device(device) if device is not None else default_device()
+    device = parse_device(device, allow_meta=False) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     low_memory = default_low_memory(device) if low_memory is None else low_memory
     pipe = WuerstchenCombinedPipeline.from_pretrained(decoder, prior_repo=prior, torch_dtype=dtype,
@@ -91,10 +91,11 @@ def generate(
     saying what would fit), unless force=True. The loaded pipeline is kept for the next call with the same
     models, device, dtype and memory mode; `generate.cache_clear()` releases it."""
     kwargs.update(prior_schedule(kwargs.pop("prior_num_inference_steps", None), kwargs.pop("prior_timesteps", None)))
-    device = parse_device(device) if device is not None else default_device()
+    device = parse_device(device, allow_meta=False) if device is not None else default_device()
     low_memory = default_low_memory(device) if low_memory is None else low_memory
     # The checks the memory estimate relies on, before anything loads; the pipeline repeats them.
-    prompts = len(checks.as_prompt_list(prompt)) if prompt is not None else 1
+    embeds = kwargs.get("prompt_embeds")
+    prompts = len(checks.as_prompt_list(prompt)) if prompt is not None or embeds is None else len(embeds)
     request = dict(height=checks.check_size("height", height, warn=False),
                    width=checks.check_size("width", width, warn=False), prompts=prompts,
                    images_per_prompt=checks.check_count("num_images_per_prompt",

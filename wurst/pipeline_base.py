@@ -46,12 +46,15 @@ class ImagePipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
 
 
-def parse_device(device: torch.device | str | int, argument: str = "device") -> torch.device:
-    """A device torch knows and this machine has; otherwise one line naming the devices that are there."""
+def parse_device(device: torch.device | str | int, argument: str = "device", allow_meta: bool = True) -> torch.device:
+    """A device torch knows and this machine has; otherwise one line naming the devices that are there. The meta
+    device (no data: it stands in for an accelerator in tests) only where `allow_meta`."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ArgumentError(f"{argument} {device!r} is not a device torch knows; {available_devices()}") from e
+    if parsed.type == "meta" and allow_meta:
+        return parsed
     count = device_counts().get(parsed.type, 0)
     if count == 0 or (parsed.index or 0) >= count:
         raise ArgumentError(f"{argument} {device!r} is not on this machine; {available_devices()}")
