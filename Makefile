@@ -33,9 +33,12 @@ demo:
 		--output install-check-random-weights.png --overwrite && \
 	echo "install check passed: install-check-random-weights.png comes from random weights, not a real picture"
 
-# wurst against diffusers on published-size random-weight checkpoints (builds ~12 GB of them on first use).
+# wurst (its CPU default, low-memory, and resident) against diffusers on published-size random-weight checkpoints
+# (builds ~12 GB of them on first use): 512x512 with 3 + 3 steps, then the default workload, 1024x1024 with the
+# 29-step Stage C schedule and 12 Stage B steps, one run each (about half an hour on 2 cores).
 bench:
 	$(PY) tools/bench.py
+	$(PY) tools/bench.py --default-workload
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -83,7 +83,7 @@ def test_several_images_get_numbered_names_and_a_default_name(tmp_path, repos, c
 
 def test_low_memory_gives_the_same_png(tmp_path, repos, capsys):
     paths = [tmp_path / "normal.png", tmp_path / "low.png"]
-    for path, extra in zip(paths, ([], ["--low-memory"]), strict=True):
+    for path, extra in zip(paths, (["--resident"], ["--low-memory"]), strict=True):
         code, out, err = run_cli([PROMPT, *repos, *FAST, "--seed", "3", "--output", path, *extra], capsys)
         assert code == 0, err
     assert np.array_equal(*(np.asarray(Image.open(path)) for path in paths))

@@ -7,7 +7,16 @@ call from prompt to images.
 
 from .clip import CLIPTextConfig, CLIPTextEncoder
 from .components import load_clip_text_encoder, load_stage_a, load_stage_b, load_stage_c
-from .errors import CheckpointError, ConfigError, GenerationStopped, ModelNotFoundError, NumericalError, WurstError
+from .errors import (
+    ArgumentError,
+    CheckpointError,
+    ConfigError,
+    GenerationStopped,
+    InsufficientMemoryError,
+    ModelNotFoundError,
+    NumericalError,
+    WurstError,
+)
 from .pipeline import Decoder, Pipeline, Prior, generate, load_pipeline
 from .pipeline_base import ImagePipelineOutput, WuerstchenPriorPipelineOutput
 from .pipeline_combined import AutoPipelineForText2Image, WuerstchenCombinedPipeline
@@ -49,7 +58,9 @@ __all__ = [
     "CLIPTextConfig",
     "CLIPTextEncoder",
     "CLIPTokenizer",
+    "ArgumentError",
     "CheckpointError",
+    "InsufficientMemoryError",
     "ConfigError",
     "ModelNotFoundError",
     "PromptTruncatedWarning",

@@ -53,8 +53,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
-    p.add_argument("--low-memory", action="store_true",
-                   help="load each model only while it runs: under 8 GB at 1024x1024 on CPU, but slower")  # fmt: skip
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--low-memory", dest="low_memory", action="store_true",
+                      help="load each model only while it runs (the default on cpu): about 5 GB at 1024x1024")
+    mode.add_argument("--resident", dest="low_memory", action="store_false",
+                      help="keep all five models loaded (the default on GPUs): about 13 GB in float32 at 512x512")
+    p.set_defaults(low_memory=None)
+    p.add_argument("--force", action="store_true",
+                   help="run even when the memory estimate says the device has too little")  # fmt: skip
 
 
 def add_image_options(p: argparse.ArgumentParser) -> None:
@@ -99,7 +105,7 @@ def device_and_dtype(args: argparse.Namespace):
     from wurst.pipeline import default_device, default_dtype
     from wurst.pipeline_base import parse_device
 
-    device = parse_device(args.device, "--device") if args.device else default_device()
+    device = parse_device(args.device, "--device", allow_meta=False) if args.device else default_device()
     return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
 
 
@@ -120,6 +126,17 @@ def check_image_options(args: argparse.Namespace) -> list:
     return [to_tensor(path, f"--image {path}") for path in args.image]
 
 
+def check_memory(pipe, args: argparse.Namespace, *, height: int, width: int, num_images: int) -> None:
+    """Refuse a generation whose estimated peak memory the device cannot give (unless --force), saying what
+    would fit, under the options' names."""
+    from wurst import memory
+
+    if not args.force:
+        memory.check_fits(pipe, height=height, width=width, images_per_prompt=num_images,
+                          prior_guidance_scale=args.prior_guidance, decoder_guidance_scale=args.decoder_guidance,
+                          names=memory.CLI_NAMES)  # fmt: skip
+
+
 def slug(prompt: str, length: int = 60) -> str:
     words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     return words[:length].rstrip("-") or "image"
@@ -133,6 +150,27 @@ def output_paths(output: str | None, prompt: str, seed: int, count: int) -> list
     if count == 1:
         return [base]
     return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(count)]
+
+
+def numbered_outputs_taken(base: Path, count: int) -> list[Path]:
+    """Those of output_paths(..., count)'s numbered paths that exist, from one listing of the folder (so that a
+    huge --num-images costs nothing before the memory check refuses it)."""
+    pattern = re.compile(re.escape(base.stem) + r"-([1-9][0-9]*)" + re.escape(base.suffix) + "$")
+    try:
+        names = os.listdir(base.parent)
+    except OSError:
+        return []
+    numbers = sorted(int(m.group(1)) for name in names if (m := pattern.match(name)))
+    return [base.with_name(f"{base.stem}-{n}{base.suffix}") for n in numbers if n <= count]
+
+
+def check_outputs(output: str | None, prompt: str, seed: int, count: int, overwrite: bool) -> None:
+    """check_writable for the paths output_paths gives, without listing them (only those that exist matter)."""
+    base = output_paths(output, prompt, seed, 1)[0]
+    if count == 1:
+        return check_writable([base], overwrite)
+    first = base.with_name(f"{base.stem}-1{base.suffix}")
+    check_writable([first, *numbered_outputs_taken(base, count)], overwrite)
 
 
 def check_writable(paths: list[Path], overwrite: bool) -> None:
@@ -248,25 +286,35 @@ def run(argv: list[str]) -> list[Path]:
     from wurst import checks
     from wurst.pipeline import load_pipeline, prior_schedule
 
-    # Cheap checks first: arguments, the input images, then the output location.
-    check_generation_options(args)
+    # Cheap checks first: arguments, the input images, then the output location. A size warning waits for the
+    # memory check, which may refuse the size outright.
+    with warnings.catch_warnings(record=True) as size_warnings:
+        warnings.simplefilter("always")
+        check_generation_options(args)
     inputs = check_image_options(args)  # the --image files, read
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     count = args.num_images * max(1, len(inputs))
-    paths = output_paths(args.output, args.prompt or Path(args.image[0]).stem, seed, count)
-    check_writable(paths, args.overwrite)
+    name = args.prompt or Path(args.image[0]).stem
+    check_outputs(args.output, name, seed, count, args.overwrite)
     device, dtype = device_and_dtype(args)
 
+    # Loading reads the configs and maps the weights; nothing is computed before the memory check, which comes
+    # before the numbered outputs are listed (an absurd --num-images is refused, not listed).
     if inputs:
         from wurst.pipeline_img2img import load_img2img_pipeline
 
         pipe = load_img2img_pipeline(prior=args.prior, decoder=args.decoder, image_encoder=args.image_encoder,
-                                     device=device, dtype=dtype, low_memory=args.low_memory)  # fmt: skip
+                                     device=device, dtype=dtype, low_memory=args.low_memory,
+                                     force=args.force)  # fmt: skip
         image_options = {"image": inputs, "strength": 0.8 if args.strength is None else args.strength}
     else:
         pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
-                             low_memory=args.low_memory)  # fmt: skip
+                             low_memory=args.low_memory, force=args.force)  # fmt: skip
         image_options = {}
+    check_memory(pipe, args, height=args.height, width=args.width, num_images=count)
+    paths = output_paths(args.output, name, seed, count)
+    for warning in size_warnings:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", checks.LargeSizeWarning)  # already said above, under the option's name
         images = pipe(

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Linear
-from .loader import KeyMap
+from .errors import ConfigError
+from .loader import KeyMap, require_finite, require_heads_divide, require_positive
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,16 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"  # transformers' default; the Würstchen encoders say "gelu"
+
+    def __post_init__(self):
+        require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "max_position_embeddings")  # fmt: skip
+        require_heads_divide("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
+        require_finite(self, "layer_norm_eps")
+        if self.layer_norm_eps <= 0:
+            raise ConfigError(f"the field 'layer_norm_eps' must be positive, got {self.layer_norm_eps}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"the field 'hidden_act' must be one of {list(ACTIVATIONS)}, got {self.hidden_act!r}")
 
 
 ACTIVATIONS = ("gelu", "quick_gelu")  # exact GELU is fused into fc1 (Linear(gelu=True)), where the fast path needs it
@@ -63,8 +74,6 @@ class EncoderLayer(nn.Module):
 class CLIPTextEncoder(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        if cfg.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported CLIP hidden_act {cfg.hidden_act!r}; expected one of {list(ACTIVATIONS)}")
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)

@@ -13,8 +13,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import clip, stage_a, stage_b, stage_c
-from .loader import SAME_NAMES, KeyMap, load_module, read_config, read_weights, weight_files
+from . import clip, stage_a, stage_b, stage_c, structure
+from .errors import ConfigError
+from .loader import (
+    SAME_NAMES,
+    KeyMap,
+    check_tensors,
+    load_module,
+    read_config,
+    read_headers,
+    read_weights,
+    weight_files,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,36 @@ def describe(files: list[Path]) -> str:
     return str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
 
 
+@functools.lru_cache(maxsize=8)
+def expected_state(model_cls: type[nn.Module], config) -> dict[str, torch.Tensor]:
+    """The state of `model_cls(config)` as meta tensors (names, shapes, dtypes; no memory)."""
+    with torch.device("meta"):
+        return dict(model_cls(config).state_dict(keep_vars=True))
+
+
+def check_against_weights(name: str, *, config, files: list[Path], converted: bool = False,
+                          config_source: str) -> None:  # fmt: skip
+    """Compare component `name`'s config with the safetensors headers of its files, reading no tensor data:
+    first the counts and widths the file implies (before anything is built, so an absurd depth is refused at
+    once), then every tensor's name, shape and dtype against the model built on the meta device. The first
+    disagreement raises ConfigError naming the field and what the file holds, or CheckpointError naming the
+    tensor."""
+    spec = COMPONENTS[name]
+    key_map = SAME_NAMES if converted else spec.key_map
+    found = read_headers(files)
+    shapes = {}
+    for ckpt_name, (_, shape) in found.items():
+        module_name = None if key_map.ignored(ckpt_name) else key_map.to_module(ckpt_name)
+        if module_name is not None:
+            shapes[module_name] = shape
+    held = structure.HELD.get(name)
+    for field, wanted, holds, evidence in held(config, shapes) if held else ():
+        if wanted != holds:
+            raise ConfigError(f"{config_source}: the field '{field}' is {wanted}, but {describe(files)} holds "
+                              f"{holds} ({evidence})")  # fmt: skip
+    check_tensors(expected_state(spec.model_cls, config), found, key_map, describe(files))
+
+
 def load_component(
     name: str,
     *,
@@ -71,7 +111,9 @@ def load_hub_component(
 ) -> nn.Module:
     """Load one hub component folder (config.json and its safetensors, plain, sharded or fp16)."""
     files = weight_files(Path(folder), COMPONENTS[name].file_stem)
-    return load_component(name, config=hub_config(name, folder), files=files, dtype=dtype, device=device)
+    config = hub_config(name, folder)
+    check_against_weights(name, config=config, files=files, config_source=str(Path(folder) / "config.json"))
+    return load_component(name, config=config, files=files, dtype=dtype, device=device)
 
 
 load_stage_c = functools.partial(load_hub_component, "prior")

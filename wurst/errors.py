@@ -13,6 +13,10 @@ class ArgumentError(WurstError, ValueError):
     """A call argument or option that cannot work: a size off the grid, a bad step count, mismatched prompts."""
 
 
+class InsufficientMemoryError(ArgumentError):
+    """A generation whose estimated peak memory is over what the device has: refused before it starts."""
+
+
 class ConfigError(WurstError, ValueError):
     """A config.json that is not valid JSON or lacks a field."""
 

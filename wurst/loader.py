@@ -76,6 +76,29 @@ def config_from_dict(cls: type[ConfigT], data: Mapping[str, Any], source: str) -
         raise ConfigError(f"{source}: {e}") from e
 
 
+def require_positive(config, *fields: str) -> None:
+    """Config bounds, from a dataclass's __post_init__: each field (an int, or a tuple of ints) is positive."""
+    for field in fields:
+        value = getattr(config, field)
+        if any(v <= 0 for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"the field '{field}' must be positive, got {value!r}")
+
+
+def require_finite(config, *fields: str, minimum: float | None = None) -> None:
+    """Each float field is finite (and at least `minimum`, when given)."""
+    for field in fields:
+        value = getattr(config, field)
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            bound = f" and at least {minimum}" if minimum is not None else ""
+            raise ConfigError(f"the field '{field}' must be finite{bound}, got {value!r}")
+
+
+def require_heads_divide(width_field: str, width: int, heads_field: str, heads: int) -> None:
+    if heads <= 0 or width % heads:
+        raise ConfigError(f"the field '{heads_field}' ({heads}) must be a positive divisor of "
+                          f"'{width_field}' ({width})")  # fmt: skip
+
+
 def read_config(cls: type[ConfigT], path: Path) -> ConfigT:
     return config_from_dict(cls, read_json(path), str(path))
 
@@ -97,33 +120,26 @@ _DTYPES = {
 ALIGNMENT = 64
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Map every tensor of a .safetensors file, without copying any.
-
-    The file is mapped copy-on-write, so the tensors are writable views whose pages come from the page
-    cache on first touch; nothing is read until a tensor is used.
-    """
+def _open_header(path: Path, f) -> tuple[dict, int, int]:
+    """The parsed header of an open safetensors file, where its data starts, and the file size."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > size - 8:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            if size < 8:
-                raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
-            header = json.loads(f.read(header_len))
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else b""
-            if not isinstance(header, dict):
-                raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
-            return _tensors(path, buffer, header, 8 + header_len, size)
-    except FileNotFoundError as e:
-        raise ModelNotFoundError(f"missing weight file: {path}") from e
+        header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    return header, 8 + header_len, size
 
 
-def _tensors(path: Path, buffer, header: dict, data_start: int, size: int) -> dict[str, torch.Tensor]:
-    tensors = {}
+def _entries(path: Path, header: dict, data_start: int, size: int) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """name -> (dtype, shape, offset in the file) of every tensor, each checked to lie inside the file."""
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -135,15 +151,51 @@ def _tensors(path: Path, buffer, header: dict, data_start: int, size: int) -> di
             raise CheckpointError(f"{path} is corrupt: bad header entry for tensor '{name}'") from e
         numel = math.prod(shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != numel * itemsize or begin < 0 or data_start + end > size:
+        if any(s < 0 for s in shape) or end - begin != numel * itemsize or begin < 0 or data_start + end > size:
             raise CheckpointError(
                 f"{path} is truncated or corrupt: tensor '{name}' lies outside the file "
                 f"(file has {size} bytes, tensor ends at {data_start + end})"
             )
+        entries[name] = (dtype, shape, data_start + begin)
+    return entries
+
+
+def read_header(path: Path) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """name -> (dtype, shape) of every tensor of a .safetensors file, from its header alone (no data is read)."""
+    try:
+        with open(path, "rb") as f:
+            entries = _entries(path, *_open_header(path, f))
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"missing weight file: {path}") from e
+    return {name: (dtype, shape) for name, (dtype, shape, _) in entries.items()}
+
+
+def read_headers(files: Iterable[Path]) -> dict[str, tuple[torch.dtype, list[int]]]:
+    found: dict[str, tuple[torch.dtype, list[int]]] = {}
+    for path in files:
+        found.update(read_header(path))
+    return found
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Map every tensor of a .safetensors file, without copying any.
+
+    The file is mapped copy-on-write, so the tensors are writable views whose pages come from the page
+    cache on first touch; nothing is read until a tensor is used.
+    """
+    try:
+        with open(path, "rb") as f:
+            entries = _entries(path, *_open_header(path, f))
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"missing weight file: {path}") from e
+    tensors = {}
+    for name, (dtype, shape, offset) in entries.items():
+        numel = math.prod(shape)
         if numel == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=offset).view(shape)
     return tensors
 
 
@@ -230,6 +282,45 @@ def _summarise(items: list[str]) -> str:
     return items[0] + (f" and {len(items) - 1} more" if len(items) > 1 else "")
 
 
+def check_tensors(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, tuple[torch.dtype, list[int]]], key_map: KeyMap,
+    source: str,
+) -> dict[str, str]:  # fmt: skip
+    """Compare what a checkpoint holds (name -> dtype and shape, as its header gives them) with a module's state
+    (`expected`, meta tensors will do). Missing, unexpected, mis-shaped tensors and integer tensors where a
+    floating weight belongs raise CheckpointError naming them as the file does. Returns checkpoint name ->
+    module name of every tensor the module takes."""
+    names: dict[str, str] = {}
+    unexpected, misshaped, mistyped = [], [], []
+    for ckpt_name, (dtype, shape) in found.items():
+        if key_map.ignored(ckpt_name):
+            continue
+        name = key_map.to_module(ckpt_name)
+        if name is None or name not in expected:
+            unexpected.append(ckpt_name)
+            continue
+        want = expected[name]
+        if tuple(shape) != tuple(want.shape):
+            misshaped.append(f"'{ckpt_name}' has shape {_shape(shape)}, expected {_shape(want.shape)}")
+        elif want.is_floating_point() and not dtype.is_floating_point:
+            mistyped.append(f"'{ckpt_name}' holds {str(dtype).removeprefix('torch.')} where a floating weight "
+                            "belongs")  # fmt: skip
+        else:
+            names[ckpt_name] = name
+    if misshaped:
+        raise CheckpointError(f"{source}: tensor {_summarise(misshaped)}")
+    if mistyped:
+        raise CheckpointError(f"{source}: tensor {_summarise(mistyped)}")
+    taken = set(names.values())
+    missing = [n for n in expected if n not in taken]
+    if missing:
+        described = [f"'{key_map.to_checkpoint(n)}' (shape {_shape(expected[n].shape)})" for n in missing]
+        raise CheckpointError(f"{source}: missing tensor {_summarise(described)}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {_summarise([repr(u) for u in unexpected])}")
+    return names
+
+
 def load_module(
     build: Callable[[], nn.Module],
     state: Mapping[str, torch.Tensor],
@@ -241,35 +332,18 @@ def load_module(
     """Build a module on the meta device and assign it the checkpoint tensors in `state`.
 
     Floating tensors are cast to `dtype` (when given) one at a time, then moved to `device`. Missing,
-    unexpected and mis-shaped tensors raise CheckpointError naming them as the file does.
+    unexpected, mis-shaped and wrongly typed tensors raise CheckpointError naming them as the file does.
     """
     with torch.device("meta"):
         module = build()
     expected = dict(module.state_dict(keep_vars=True))
+    found = {name: (tensor.dtype, list(tensor.shape)) for name, tensor in state.items()}
     assigned: dict[str, torch.Tensor] = {}
-    unexpected, misshaped = [], []
-    for ckpt_name, tensor in state.items():
-        if key_map.ignored(ckpt_name):
-            continue
-        name = key_map.to_module(ckpt_name)
-        if name is None or name not in expected:
-            unexpected.append(ckpt_name)
-            continue
-        want = expected[name].shape
-        if tensor.shape != want:
-            misshaped.append(f"'{ckpt_name}' has shape {_shape(tensor.shape)}, expected {_shape(want)}")
-            continue
+    for ckpt_name, name in check_tensors(expected, found, key_map, source).items():
+        tensor = state[ckpt_name]
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         assigned[name] = tensor.to(device) if device is not None else tensor
-    if misshaped:
-        raise CheckpointError(f"{source}: tensor {_summarise(misshaped)}")
-    missing = [n for n in expected if n not in assigned]
-    if missing:
-        described = [f"'{key_map.to_checkpoint(n)}' (shape {_shape(expected[n].shape)})" for n in missing]
-        raise CheckpointError(f"{source}: missing tensor {_summarise(described)}")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor {_summarise([repr(u) for u in unexpected])}")
     module.load_state_dict(assigned, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

@@ -46,26 +46,37 @@ class ImagePipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
 
 
-def parse_device(device: torch.device | str | int, argument: str = "device") -> torch.device:
-    """A device torch knows and this machine has; otherwise one line naming the devices that are there."""
+def parse_device(device: torch.device | str | int, argument: str = "device", allow_meta: bool = True) -> torch.device:
+    """A device torch knows and this machine has; otherwise one line naming the devices that are there. The meta
+    device (no data: it stands in for an accelerator in tests) only where `allow_meta`."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ArgumentError(f"{argument} {device!r} is not a device torch knows; {available_devices()}") from e
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if parsed.index is not None and parsed.index >= count or count == 0:
-            raise ArgumentError(f"{argument} {device!r} is not on this machine; {available_devices()}")
-    elif parsed.type not in ("cpu", "meta"):
-        backend = getattr(torch, parsed.type, None)
-        if backend is None or not getattr(backend, "is_available", lambda: False)():
-            raise ArgumentError(f"{argument} {device!r} is not available on this machine; {available_devices()}")
+    if parsed.type == "meta" and allow_meta:
+        return parsed
+    count = device_counts().get(parsed.type, 0)
+    if count == 0 or (parsed.index or 0) >= count:
+        raise ArgumentError(f"{argument} {device!r} is not on this machine; {available_devices()}")
     return parsed
 
 
+def device_counts() -> dict[str, int]:
+    """The kinds of device this machine has, and how many of each."""
+    counts = {"cpu": 1}
+    if torch.cuda.is_available():
+        counts["cuda"] = torch.cuda.device_count()
+    if torch.backends.mps.is_available():
+        counts["mps"] = 1
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        counts["xpu"] = xpu.device_count()
+    return counts
+
+
 def available_devices() -> str:
-    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return "devices here: " + ", ".join(["cpu", *cuda])
+    names = [kind if kind in ("cpu", "mps") else f"{kind}:{i}" for kind, n in device_counts().items() for i in range(n)]
+    return "devices here: " + ", ".join(names)
 
 
 class PipelineBase:

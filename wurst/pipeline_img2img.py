@@ -301,13 +301,15 @@ class AutoPipelineForImage2Image:
 
 def load_img2img_pipeline(
     *, prior: str | os.PathLike, decoder: str | os.PathLike, image_encoder: str | os.PathLike | None = None,
-    device: torch.device | str | None = None, dtype: torch.dtype | None = None, low_memory: bool = False,
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None, low_memory: bool | None = None,
+    force: bool = False,
 ) -> WuerstchenImg2ImgPipeline:  # fmt: skip
-    """As wurst.load_pipeline (wurst's device and dtype defaults), for image to image."""
+    """As wurst.load_pipeline (wurst's device, dtype and memory-mode defaults), for image to image."""
     from .pipeline import default_device, default_dtype, load_pipeline
 
     dtype = dtype or default_dtype(torch.device(device) if device is not None else default_device())
     encoder = early_image_encoder(image_encoder, prior, dtype)
-    combined = load_pipeline(prior=prior, decoder=decoder, device=device, dtype=dtype, low_memory=low_memory)
+    combined = load_pipeline(prior=prior, decoder=decoder, device=device, dtype=dtype, low_memory=low_memory,
+                             force=force)  # fmt: skip
     return WuerstchenImg2ImgPipeline.from_pipes(combined.prior_pipe, combined.decoder_pipe, encoder)
 

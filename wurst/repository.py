@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .components import COMPONENTS, hub_config, load_component
+from .components import COMPONENTS, check_against_weights, hub_config, load_component
 from .errors import ConfigError, ModelNotFoundError
-from .loader import config_from_dict, read_config, read_json, weight_files
+from .loader import config_from_dict, read_config, read_json, require_finite, weight_files
 from .tokenizer import CLIPTokenizer
 
 
@@ -28,12 +28,19 @@ class PriorPipelineConfig:
     latent_std: float = 1.0
     resolution_multiple: float = 42.67
 
+    def __post_init__(self):
+        require_finite(self, "latent_mean", "latent_std")
+        require_finite(self, "resolution_multiple", minimum=1.0)  # the image is larger than its Stage C latent
+
 
 @dataclass(frozen=True)
 class DecoderPipelineConfig:
     """`model_index.json` of a decoder repository: Stage B latents are this many times the Stage C size."""
 
     latent_dim_scale: float = 10.67
+
+    def __post_init__(self):
+        require_finite(self, "latent_dim_scale", minimum=1.0)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,12 @@ class SchedulerConfig:
 
     s: float = 0.008
     scaler: float = 1.0
+
+    def __post_init__(self):
+        require_finite(self, "s", minimum=0.0)
+        require_finite(self, "scaler")
+        if self.scaler <= 0:
+            raise ConfigError(f"the field 'scaler' must be positive, got {self.scaler}")
 
 
 @dataclass(frozen=True)
@@ -124,14 +137,21 @@ def read_hub(folder: Path, kind: str) -> Repository:
     folders = [COMPONENTS[c].folder for c in spec.components]
     index = check_repo(folder, kind, [*folders, "tokenizer"])
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    configs = {c: hub_config(c, folder / COMPONENTS[c].folder) for c in spec.components}
+    files = {c: weight_files(folder / COMPONENTS[c].folder, COMPONENTS[c].file_stem) for c in spec.components}
+    for c in spec.components:
+        check_against_weights(c, config=configs[c], files=files[c],
+                              config_source=str(folder / COMPONENTS[c].folder / "config.json"))  # fmt: skip
+    tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+    check_tokenizer(tokenizer, configs["text_encoder"], str(folder / "text_encoder" / "config.json"))
     return Repository(
         folder=folder,
         kind=kind,
         pipeline_config=config_from_dict(spec.config_cls, index, str(folder / "model_index.json")),
         scheduler=read_config(SchedulerConfig, scheduler_path) if scheduler_path.is_file() else SchedulerConfig(),
-        tokenizer=CLIPTokenizer.from_dir(folder / "tokenizer"),
-        configs={c: hub_config(c, folder / COMPONENTS[c].folder) for c in spec.components},
-        files={c: weight_files(folder / COMPONENTS[c].folder, COMPONENTS[c].file_stem) for c in spec.components},
+        tokenizer=tokenizer,
+        configs=configs,
+        files=files,
         converted=False,
     )
 
@@ -151,19 +171,34 @@ def read_converted(folder: Path, kind: str) -> Repository:
         spec = COMPONENTS[component]
         if spec.converted_name not in index["models"]:
             raise ConfigError(f"{index_path} lacks the model '{spec.converted_name}' ({component})")
-        configs[component] = config_from_dict(spec.config_cls, index["models"][spec.converted_name],
-                                              f"{index_path} (models.{spec.converted_name})")  # fmt: skip
+        source = f"{index_path} (models.{spec.converted_name})"
+        configs[component] = config_from_dict(spec.config_cls, index["models"][spec.converted_name], source)
         files[component] = [folder / f"{spec.converted_name}.safetensors"]
+        check_against_weights(component, config=configs[component], files=files[component], converted=True,
+                              config_source=source)  # fmt: skip
+    tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+    check_tokenizer(tokenizer, configs["text_encoder"], f"{index_path} (models.text_encoder)")
     return Repository(
         folder=folder,
         kind=kind,
         pipeline_config=config_from_dict(KINDS[kind].config_cls, index["pipeline"], f"{index_path} (pipeline)"),
         scheduler=config_from_dict(SchedulerConfig, index["scheduler"], f"{index_path} (scheduler)"),
-        tokenizer=CLIPTokenizer.from_dir(folder / "tokenizer"),
+        tokenizer=tokenizer,
         configs=configs,
         files=files,
         converted=True,
     )
+
+
+def check_tokenizer(tokenizer: CLIPTokenizer, config, source: str) -> None:
+    """The text encoder must have a row for every id the tokenizer gives and a position for every token."""
+    ids = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    if ids > config.vocab_size:
+        raise ConfigError(f"{source}: the field 'vocab_size' is {config.vocab_size}, but the tokenizer gives ids up to "
+                          f"{ids - 1}")  # fmt: skip
+    if tokenizer.max_length > config.max_position_embeddings:
+        raise ConfigError(f"{source}: the field 'max_position_embeddings' is {config.max_position_embeddings}, but the "
+                          f"tokenizer pads prompts to {tokenizer.max_length} tokens")  # fmt: skip
 
 
 def check_repo(folder: Path, kind: str, folders: list[str]) -> dict:

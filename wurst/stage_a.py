@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Linear
-from .loader import KeyMap
+from .errors import ConfigError
+from .loader import KeyMap, require_finite, require_positive
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,19 @@ class StageAConfig:
     latent_channels: int = 4
     num_vq_embeddings: int = 8192
     scale_factor: float = 0.3764  # Stage B latents * scale_factor = this model's latents
+
+    def __post_init__(self):
+        require_positive(self, "in_channels", "out_channels", "up_down_scale_factor", "levels", "embed_dim",
+                         "latent_channels", "num_vq_embeddings")  # fmt: skip
+        if self.bottleneck_blocks < 0:
+            raise ConfigError(f"the field 'bottleneck_blocks' must be 0 or more, got {self.bottleneck_blocks}")
+        # Each level halves the width. (An absurd level count is left to the check against the weights.)
+        if self.levels <= 32 and self.embed_dim % 2 ** (self.levels - 1):
+            raise ConfigError(f"the field 'embed_dim' ({self.embed_dim}) must be divisible by 2 ** (levels - 1) "
+                              f"(levels is {self.levels})")  # fmt: skip
+        require_finite(self, "scale_factor")
+        if self.scale_factor <= 0:
+            raise ConfigError(f"the field 'scale_factor' must be positive, got {self.scale_factor}")
 
     @property
     def widths(self) -> list[int]:

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
-from .errors import ConfigError
-from .loader import KeyMap
+from .errors import ArgumentError, ConfigError
+from .loader import KeyMap, require_heads_divide, require_positive
+from .stage_c import check_r_width
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ class StageBConfig:
         for letters in self.level_config:
             if not letters or set(letters) - set("CTA"):
                 raise ConfigError(f"level_config entry {letters!r} must use the letters C, T, A")
+        require_positive(self, "c_in", "c_out", "c_r", "patch_size", "c_cond", "c_hidden", "blocks", "effnet_embd",
+                         "clip_embd", "kernel_size")  # fmt: skip
+        if not levels:
+            raise ConfigError("the field 'c_hidden' must name at least one level")
+        if self.kernel_size % 2 == 0:  # padding k // 2 keeps the size only for odd kernels
+            raise ConfigError(f"the field 'kernel_size' must be odd, got {self.kernel_size}")
+        check_r_width(self.c_r)
+        for i, (width, heads, letters) in enumerate(zip(self.c_hidden, self.nhead, self.level_config, strict=True)):
+            if "A" in letters:
+                require_heads_divide(f"c_hidden[{i}]", width, f"nhead[{i}]", heads)
 
 
 class Resample(nn.Module):
@@ -108,7 +119,7 @@ class StageB(nn.Module):
         cfg = self.config
         factor = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)  # the U-Net's skips need exact halvings
         if latent_size[0] % factor or latent_size[1] % factor:
-            raise ValueError(f"Stage B latent sides must be multiples of {factor}, got {tuple(latent_size)}")
+            raise ArgumentError(f"Stage B latent sides must be multiples of {factor}, got {tuple(latent_size)}")
         side = (latent_size[0] // cfg.patch_size, latent_size[1] // cfg.patch_size)
         return [(side[0] >> i, side[1] >> i) for i in range(len(cfg.c_hidden))]
 

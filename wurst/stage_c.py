@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
-from .loader import KeyMap
+from .errors import ConfigError
+from .loader import KeyMap, require_heads_divide, require_positive
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,17 @@ class StageCConfig:
     c_r: int = 64  # r-embedding width
     depth: int = 16
     nhead: int = 16
+
+    def __post_init__(self):
+        require_positive(self, "c_in", "c", "c_cond", "c_r", "depth")
+        require_heads_divide("c", self.c, "nhead", self.nhead)
+        check_r_width(self.c_r)
+
+
+def check_r_width(c_r: int) -> None:
+    """The r-embedding spaces its frequencies by half - 1, so it needs two sine-cosine pairs at least."""
+    if c_r < 4:
+        raise ConfigError(f"the field 'c_r' must be at least 4, got {c_r}")
 
 
 class StageC(nn.Module):
