@@ -213,6 +213,14 @@ def test_bad_files_and_folders_are_refused(tmp_path, out_dir, capsys, no_model_l
     assert files_in(other) == ["holiday.jpg"]
 
 
+def test_a_job_that_cannot_fit_in_memory_is_refused_before_anything_is_written(tmp_path, out_dir, repos, capsys):
+    """One line with what the largest forward pass needs; no folder, no job.json; --force would try anyway."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b", "height": 65536, "width": 65536}\n', encoding="utf-8")
+    code, out, err = run_batch([path, "--out", out_dir, *JOB, *repos], capsys)
+    assert_one_line_error(code, out, err, "65536x65536 needs about", out_dir, prefix="wurst.batch: error: ")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Journals
 

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import hashlib
 import json
 import os
 import sys
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from .cli import (
     add_generation_options,
     add_model_options,
     check_generation_options,
+    check_memory,
     device_and_dtype,
     generation_settings,
     png_bytes,
@@ -173,23 +176,23 @@ def file_name(index: int, total: int) -> str:
     return f"{index:0{max(6, len(str(total - 1)))}d}.png"
 
 
-def prepare(out: Path, settings: dict) -> None:
-    """Rank 0, before any model loads: the folder is writable and holds this job (or nothing yet)."""
+def inspect(out: Path, settings: dict) -> None:
+    """Rank 0, before any model loads and without writing: the folder can be written and holds this job (or
+    nothing yet)."""
     if out.exists() and not out.is_dir():
         raise ArgumentError(f"--out {out} is a file, not a folder")
+    existing = next(folder for folder in [out, *out.parents] if folder.exists())
     try:
-        (out / JOURNALS).mkdir(parents=True, exist_ok=True)
-        probe = out / JOURNALS / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise ArgumentError(f"cannot write to --out {out}: {e.strerror or e}") from e
     job = out / JOB
     if not job.exists():
-        others = sorted(p.name for p in out.iterdir() if p.name != JOURNALS)
+        others = sorted(p.name for p in out.iterdir() if p.name != JOURNALS) if out.exists() else []
         if others:
             raise ArgumentError(f"--out {out} holds other files ({others[0]}, ...) and no {JOB}: use a new folder")
-        write_file_atomically(job, (json.dumps(settings, indent=1) + "\n").encode())
         return
     try:
         theirs = json.loads(job.read_text(encoding="utf-8"))
@@ -199,6 +202,13 @@ def prepare(out: Path, settings: dict) -> None:
                    if theirs.get(key) != value]  # fmt: skip
     if differences:
         raise ArgumentError(f"--out {out} holds another job ({JOB}): {'; '.join(differences)}")
+
+
+def start(out: Path, settings: dict) -> None:
+    """Rank 0, once the models are there and the memory suffices: the folder, its job.json first."""
+    (out / JOURNALS).mkdir(parents=True, exist_ok=True)
+    if not (out / JOB).exists():
+        write_file_atomically(out / JOB, (json.dumps(settings, indent=1) + "\n").encode())
 
 
 def read_records(out: Path) -> dict[int, dict]:
@@ -268,6 +278,10 @@ def finish(out: Path, images: list[Image]) -> None:
 
 class ReportedByRankZero(Exception):
     """A refusal that rank 0 reports; the other processes exit quietly."""
+
+
+class JobRefused(ArgumentError):
+    """A refusal of the job itself (its options or prompts file), which every process reaches alike."""
 
 
 def job_settings(args: argparse.Namespace, prompts: Path, device, dtype) -> dict:
@@ -385,22 +399,28 @@ def run(argv: list[str]) -> None:
     from .pipeline import load_pipeline
 
     args = build_parser().parse_args(argv)
-    # The job's checks, before any model loads; every process makes them and reaches the same verdict.
-    check_generation_options(args)
-    checks.check_count("--batch-size", args.batch_size)
-    if not 0 <= args.seed < SEEDS:
-        raise ArgumentError(f"--seed must be at least 0 and below 2**63, got {args.seed}")
-    prompts, out = Path(args.prompts), Path(args.out)
-    images = read_prompts(prompts, args)
-    groups = plan_groups(images, args.batch_size)
-    device, dtype = device_and_dtype(args)
-    settings = job_settings(args, prompts, device, dtype)
+    # The job's checks, before any model loads; every process makes them and reaches the same verdict. Size
+    # warnings wait for the memory check, which may refuse the size outright.
+    with warnings.catch_warnings(record=True) as size_warnings:
+        warnings.simplefilter("always")
+        try:
+            check_generation_options(args)
+            checks.check_count("--batch-size", args.batch_size)
+            if not 0 <= args.seed < SEEDS:
+                raise ArgumentError(f"--seed must be at least 0 and below 2**63, got {args.seed}")
+            prompts, out = Path(args.prompts), Path(args.out)
+            images = read_prompts(prompts, args)
+            groups = plan_groups(images, args.batch_size)
+            device, dtype = device_and_dtype(args)
+            settings = job_settings(args, prompts, device, dtype)
+        except ArgumentError as e:
+            raise JobRefused(str(e)) from e
 
     rank, world, device = distributed_setup(device)
     try:
         if rank == 0:  # the folder's state, read once, before anyone writes
             try:
-                prepare(out, settings)
+                inspect(out, settings)
                 done = complete(out, images)
                 verdict = [n for n, group in enumerate(groups) if any(i.index not in done for i in group)]
             except (WurstError, OSError) as e:
@@ -410,12 +430,19 @@ def run(argv: list[str]) -> None:
             raise verdict if rank == 0 else ReportedByRankZero()
         mine = verdict[rank::world]
 
-        progress = Progress(out, images, len(images) - sum(len(groups[n]) for n in verdict), world > 1) \
-            if rank == 0 else None  # fmt: skip
-        if mine:  # a process with nothing left to do loads nothing
+        if verdict:  # a finished job loads nothing
             pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
-                                 low_memory=args.low_memory)  # fmt: skip
+                                 low_memory=args.low_memory, force=args.force)  # fmt: skip
             pipe.set_progress_bar_config(disable=True)
+            shapes = {(groups[n][0].height, groups[n][0].width, len(groups[n])) for n in verdict}
+            for height, width, size in sorted(shapes):  # every forward pass of the job fits, or none runs
+                check_memory(pipe, args, height=height, width=width, num_images=size)
+        for warning in size_warnings:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        if rank == 0:
+            start(out, settings)
+            progress = Progress(out, images, len(images) - sum(len(groups[n]) for n in verdict), world > 1)
+        (out / JOURNALS).mkdir(parents=True, exist_ok=True)  # whichever process comes first
         journal = Journal(out / JOURNALS / f"rank-{rank}.jsonl")
         for number in mine:
             group = groups[number]
@@ -433,7 +460,7 @@ def run(argv: list[str]) -> None:
                 journal.append({"index": image.index, "file": name, "sha256": hashlib.sha256(data).hexdigest(),
                                 "prompt": image.prompt, "seed": image.seed, "line": image.line,
                                 "settings": {**made_with, "image_index": image.image_index}})  # fmt: skip
-            if progress and world == 1:
+            if rank == 0 and world == 1:
                 progress.set(progress.bar.n + len(group))
         if world > 1:
             import torch.distributed as dist
@@ -463,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{who}: interrupted; finished images are kept: rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, ArgumentError) as e:  # the same on every process: rank 0 says it
+    except (UsageError, JobRefused) as e:  # the same on every process: rank 0 says it
         if rank == 0:
             print(f"wurst.batch: error: {e}", file=sys.stderr)
         return EXIT_ERROR
