@@ -176,7 +176,7 @@ def file_name(index: int, total: int) -> str:
     return f"{index:0{max(6, len(str(total - 1)))}d}.png"
 
 
-def inspect(out: Path, settings: dict) -> None:
+def inspect_folder(out: Path, settings: dict) -> None:
     """Rank 0, before any model loads and without writing: the folder can be written and holds this job (or
     nothing yet)."""
     if out.exists() and not out.is_dir():
@@ -204,7 +204,7 @@ def inspect(out: Path, settings: dict) -> None:
         raise ArgumentError(f"--out {out} holds another job ({JOB}): {'; '.join(differences)}")
 
 
-def start(out: Path, settings: dict) -> None:
+def start_folder(out: Path, settings: dict) -> None:
     """Rank 0, once the models are there and the memory suffices: the folder, its job.json first."""
     (out / JOURNALS).mkdir(parents=True, exist_ok=True)
     if not (out / JOB).exists():
@@ -420,7 +420,7 @@ def run(argv: list[str]) -> None:
     try:
         if rank == 0:  # the folder's state, read once, before anyone writes
             try:
-                inspect(out, settings)
+                inspect_folder(out, settings)
                 done = complete(out, images)
                 verdict = [n for n, group in enumerate(groups) if any(i.index not in done for i in group)]
             except (WurstError, OSError) as e:
@@ -440,7 +440,7 @@ def run(argv: list[str]) -> None:
         for warning in size_warnings:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         if rank == 0:
-            start(out, settings)
+            start_folder(out, settings)
             progress = Progress(out, images, len(images) - sum(len(groups[n]) for n in verdict), world > 1)
         (out / JOURNALS).mkdir(parents=True, exist_ok=True)  # whichever process comes first
         journal = Journal(out / JOURNALS / f"rank-{rank}.jsonl")
