@@ -23,7 +23,7 @@ class OriginalEncoder(nn.Module):
 
     def __init__(self, c_latent: int = 16):
         super().__init__()
-        # torchvision is a test extra (tests/conftest.py lets its CUDA wheel import beside the CPU torch).
+        # torchvision is a test extra (tools/torchvision_cpu.py lets its CUDA wheel import beside the CPU torch).
         torchvision = pytest.importorskip("torchvision", reason="a test extra: pip install -e '.[test]'")
         self.backbone = torchvision.models.efficientnet_v2_s().features
         self.mapper = nn.Sequential(nn.Conv2d(1280, c_latent, kernel_size=1, bias=False), nn.BatchNorm2d(c_latent))
