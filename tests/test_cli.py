@@ -34,6 +34,7 @@ from tests.helpers import (
 )
 from wurst import Pipeline
 from wurst.cli import main, write_file_atomically, write_png_atomically
+from wurst.pipeline import default_dtype
 
 FAST = ["--height", "256", "--width", "128", "--prior-steps", "3", "--decoder-steps", "12"]
 
@@ -50,7 +51,9 @@ def test_png_equals_the_api_image_and_its_metadata_regenerates_it(tmp_path, repo
                               "--output", target], capsys)  # fmt: skip
     assert code == 0, err
     assert out.strip() == str(target)
-    pipe = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu")
+    # The API in the CLI's default dtype (bfloat16 on CPUs that multiply it natively, else float32).
+    dtype = default_dtype(torch.device("cpu"))
+    pipe = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu", dtype=dtype)
     api = pipe(PROMPT, height=256, width=128, negative_prompt="ugly", prior_num_inference_steps=3,
                generator=torch.Generator("cpu").manual_seed(42), output_type="np")[0]  # fmt: skip
     png = Image.open(target)
@@ -59,6 +62,7 @@ def test_png_equals_the_api_image_and_its_metadata_regenerates_it(tmp_path, repo
     assert np.abs(pixels.astype(np.float64) / 255 - api).max() <= 0.5 / 255 + 1e-6  # 8-bit rounding only
 
     settings = json.loads(png.text["wurst"])
+    assert settings["dtype"] == str(dtype).removeprefix("torch.")
     assert settings["prompt"] == PROMPT and settings["seed"] == 42 and settings["negative_prompt"] == "ugly"
     assert png.text["prompt"] == PROMPT and png.text["prior"] == str(tiny_prior_repo)
     # The recorded command, pointed at a new file, makes the same picture.

@@ -143,3 +143,101 @@ def test_missing_weights_and_missing_shard(encoder_dir):
     (encoder_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelNotFoundError, match="names the shard model-00001-of-00002.safetensors, which is missing"):
         load_clip_text_encoder(encoder_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cast copies ($WURST_CACHE/<dtype>/): written on the first load in another dtype, mapped afterwards
+
+
+@pytest.fixture
+def cast_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WURST_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "bfloat16"
+
+
+def load_bf16(folder):
+    return load_clip_text_encoder(folder, dtype=torch.bfloat16)
+
+
+def assert_is_the_cast_source(model, folder):
+    """Every parameter equals the float32 file's tensor cast to bfloat16, as load_module's in-memory cast gives."""
+    source = load_file(folder / "model.safetensors")
+    for name, param in model.state_dict().items():
+        expected = source[CHECKPOINT_KEYS.to_checkpoint(name)]
+        assert param.dtype == torch.bfloat16 and torch.equal(param, expected.to(torch.bfloat16)), name
+
+
+def test_first_load_writes_the_copy_and_later_loads_map_it(encoder_dir, cast_cache, monkeypatch):
+    import wurst.loader
+
+    model = load_bf16(encoder_dir)
+    copies = list(cast_cache.iterdir())
+    assert [p.suffix for p in copies] == [".safetensors"]  # one copy, no temporary left
+    assert_is_the_cast_source(model, encoder_dir)
+    assert all(d == torch.bfloat16 for d, _ in wurst.loader.read_header(copies[0]).values())
+
+    def no_cast(*args, **kwargs):
+        raise AssertionError("the copy was written again")
+
+    monkeypatch.setattr(wurst.loader, "_write_cast_copy", no_cast)
+    assert_is_the_cast_source(load_bf16(encoder_dir), encoder_dir)
+    # The weights come from the copy, not from a cast in memory: a value changed in the copy's data shows.
+    with open(copies[0], "r+b") as f:
+        f.seek(copies[0].stat().st_size - 2)  # the last element of the last tensor in the file
+        f.write(torch.tensor([123.0], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes())
+    marked = [t for t in load_bf16(encoder_dir).state_dict().values() if t.flatten()[-1].item() == 123.0]
+    assert len(marked) == 1
+
+
+def test_a_changed_source_is_cast_again(encoder_dir, cast_cache):
+    load_bf16(encoder_dir)
+    rewrite(encoder_dir, lambda state: state["text_model.final_layer_norm.weight"].add_(1.0))
+    model = load_bf16(encoder_dir)
+    assert_is_the_cast_source(model, encoder_dir)
+    assert len(list(cast_cache.iterdir())) == 1  # the old copy was replaced, not kept beside
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_a_damaged_or_deleted_copy_is_rewritten(encoder_dir, cast_cache, damage):
+    load_bf16(encoder_dir)
+    (copy,) = cast_cache.iterdir()
+    if damage == "truncate":
+        copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 2])
+    elif damage == "garbage":
+        copy.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    else:
+        copy.unlink()
+    assert_is_the_cast_source(load_bf16(encoder_dir), encoder_dir)
+    assert [p.name for p in cast_cache.iterdir()] == [copy.name]
+
+
+def test_unwritable_cache_casts_in_memory(encoder_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("WURST_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="could not write the bfloat16 copy .* casting in memory"):
+        model = load_bf16(encoder_dir)
+    assert_is_the_cast_source(model, encoder_dir)
+
+
+def test_a_failed_write_leaves_no_file(encoder_dir, cast_cache, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        model = load_bf16(encoder_dir)
+    assert_is_the_cast_source(model, encoder_dir)
+    assert list(cast_cache.iterdir()) == []
+
+
+def test_no_copy_when_the_file_is_already_in_the_dtype(encoder_dir, cast_cache):
+    load_clip_text_encoder(encoder_dir, dtype=torch.float32)
+    rewrite(encoder_dir, lambda state: state.update({k: v.to(torch.bfloat16) for k, v in state.items()
+                                                     if v.is_floating_point()}))  # fmt: skip
+    load_bf16(encoder_dir)
+    assert not cast_cache.exists()

@@ -21,12 +21,13 @@ from wurst.offload import OnDemand
 
 @pytest.fixture(scope="module")
 def lean(tiny_prior_repo, tiny_decoder_repo):
-    return wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu")
+    return wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
 def resident(tiny_prior_repo, tiny_decoder_repo):
-    return wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", low_memory=False)
+    return wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", dtype=torch.float32,
+                               low_memory=False)  # fmt: skip
 
 
 def parts(pipe):

@@ -251,8 +251,8 @@ def test_cli_image_to_image_matches_the_api(pipe, tiny_prior_repo, tiny_decoder_
     Image.fromarray(photo(96, 128)).save(source)
     out = tmp_path / "out"
     code, stdout, err = run_cli([PROMPT, "--image", source, "--strength", "0.6", "--seed", "9", "--output",
-                                 out / "fox.png", *cli_args(tiny_prior_repo, tiny_decoder_repo, encoder_folder)],
-                                capsys)  # fmt: skip
+                                 out / "fox.png", *cli_args(tiny_prior_repo, tiny_decoder_repo, encoder_folder),
+                                 "--dtype", "float32"], capsys)  # the fixture pipeline's dtype  # fmt: skip
     assert code == 0, err
     written = Image.open(out / "fox.png")
     # The API with the encoder read from the same folder (a copy in other memory can round differently).

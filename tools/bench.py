@@ -3,7 +3,8 @@
     .venv/bin/python tools/bench.py                  # the issue-6 run: 512x512, 3 Stage C steps (guidance 4),
                                                      # 3 Stage B steps, 3 processes per side, A B A B
     .venv/bin/python tools/bench.py --default-workload   # what users run: 1024x1024, the 29-step Stage C
-                                                     # schedule (guidance 4), 12 Stage B steps, one run each
+                                                     # schedule (guidance 4), 12 Stage B steps, one run each of
+                                                     # wurst and diffusers in float32 and in bfloat16
     .venv/bin/python tools/bench.py --size 1024 --prior-steps 1 --steps 1 --impls wurst,wurst-resident,diffusers
     make bench                                       # both: the first with wurst's two memory modes, then the second
 
@@ -16,8 +17,11 @@ starts from the same warm page cache. Each process reports its load time, the ti
 both text encodings' first half, Stage C; "decoder": Stage B and its text encoding; "stage_a": the VQGAN)
 and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and the achieved fraction of
 this machine's fp32 matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
-generation time, over the rate of a 2048x2048 matmul measured here). Float32 on CPU, same thread count for
-both sides. diffusers and transformers come from the test extras (`make install`).
+generation time, over the rate of a 2048x2048 matmul in the row's dtype measured here; the FLOPs come from
+1- and 2-step runs at the same size, extrapolated per step, since every step has the same shapes). Same thread
+count for both sides. For wurst in bfloat16 the cast copies of the float32 files ($WURST_CACHE/bfloat16) are
+made before the timed runs, as a user's first run makes them once; the time that took is printed. diffusers and
+transformers come from the test extras (`make install`).
 """
 
 from __future__ import annotations
@@ -51,22 +55,33 @@ def repos() -> tuple[Path, Path]:
     return hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
 
 
-def warm_page_cache() -> None:
-    """Read every checkpoint file once, so that no run pays for the disk and all start alike."""
-    for repo in repos():
-        for path in sorted(repo.rglob("*.safetensors")):
-            with open(path, "rb") as f:
-                while f.read(1 << 24):
-                    pass
+def weight_files(dtype: str) -> list[Path]:
+    """Every weight file a run in `dtype` maps: the checkpoints, or for wurst their cast copies."""
+    import torch
+
+    from wurst.loader import files_in_dtype
+
+    files = [path for repo in repos() for path in sorted(repo.rglob("*.safetensors"))]
+    return files + (files_in_dtype(files, getattr(torch, dtype)) if dtype != "float32" else [])
 
 
-def worker(impl: str, size: int, steps: int, prior_steps: int | None, count_flops: bool = False) -> dict:
+def warm_page_cache(dtype: str) -> None:
+    """Read every file a run maps once, so that no run pays for the disk and all start alike."""
+    for path in weight_files(dtype):
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name: str = "float32",
+           count_flops: bool = False) -> dict:  # fmt: skip
     """One text-to-image run; returns the stage times, the peak RSS and a checksum of the image. prior_steps None:
     the published 29-step Stage C schedule (DEFAULT_STAGE_C_TIMESTEPS) on both sides."""
     import torch
 
     from wurst import DEFAULT_STAGE_C_TIMESTEPS
 
+    dtype = getattr(torch, dtype_name)
     prior_repo, decoder_repo = repos()
     schedule = dict(num_inference_steps=prior_steps) if prior_steps else dict(timesteps=DEFAULT_STAGE_C_TIMESTEPS)
     generator = torch.Generator().manual_seed(0)
@@ -76,7 +91,7 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, count_flop
         import wurst
 
         low_memory = {"wurst": None, "wurst-resident": False, "wurst-low-memory": True}[impl]  # None: the default
-        pipe = wurst.load_pipeline(prior=prior_repo, decoder=decoder_repo, device="cpu", dtype=torch.float32,
+        pipe = wurst.load_pipeline(prior=prior_repo, decoder=decoder_repo, device="cpu", dtype=dtype,
                                    low_memory=low_memory)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, **schedule,  # noqa: E731
@@ -87,7 +102,7 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, count_flop
     else:
         from tools import reference
 
-        pipe = reference.combined_pipeline(prior_repo, decoder_repo)
+        pipe = reference.combined_pipeline(prior_repo, decoder_repo, dtype)
         prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, **schedule,  # noqa: E731
                                         guidance_scale=4.0, generator=generator, output_type="pt").image_embeddings
         decoder = lambda emb: pipe.decoder_pipe(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
@@ -110,21 +125,30 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, count_flop
 
         import wurst.blocks
 
-        wurst.blocks._ONEDNN_LINEAR = False  # the counter knows aten's matmuls, not oneDNN's (same FLOPs)
+        wurst.blocks._ONEDNN_DTYPES = frozenset()  # the counter knows aten's matmuls, not oneDNN's (same FLOPs)
 
-        with FlopCounterMode(display=False) as counter:
-            timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
-        return {"flops": counter.get_total_flops()}
+        def counted(run, *args):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                out = run(*args)
+            return out, counter.get_total_flops()
+
+        flops = {}
+        for n in (1, 2):  # each step has the same shapes: FLOPs(n steps) = fixed + n * per step
+            schedule, steps = dict(num_inference_steps=n), n
+            embeddings, flops[f"prior_{n}"] = counted(prior)
+            latents, flops[f"decoder_{n}"] = counted(decoder, embeddings)
+            _, flops[f"stage_a_{n}"] = counted(stage_a, latents)
+        return flops
     images = timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
     return {**times, "peak_rss_gib": peak_rss_gib(), "checksum": float(images.double().sum())}
 
 
-def matmul_gflops(threads: int) -> float:
-    """The best of several 2048x2048 float32 matmuls on `threads` threads, in GFLOP/s."""
+def matmul_gflops(threads: int, dtype_name: str = "float32") -> float:
+    """The best of several 2048x2048 matmuls in `dtype_name` on `threads` threads, in GFLOP/s."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = (torch.randn(2048, 2048).to(getattr(torch, dtype_name)) for _ in range(2))
     best = float("inf")
     for _ in range(10):
         start = time.perf_counter()
@@ -133,9 +157,9 @@ def matmul_gflops(threads: int) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def run_worker(args: argparse.Namespace, impl: str, flops: bool = False) -> dict:
+def run_worker(args: argparse.Namespace, impl: str, dtype: str = "float32", flops: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--size", str(args.size), "--steps", str(args.steps),
-           "--prior-steps", str(args.prior_steps or 0), "--threads", str(args.threads)]  # fmt: skip
+           "--prior-steps", str(args.prior_steps or 0), "--threads", str(args.threads), "--dtype", dtype]  # fmt: skip
     cmd += ["--flops"] if flops else []
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
@@ -153,59 +177,76 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--impls", default="wurst,wurst-resident,diffusers",
                         help=f"comma-separated, from {', '.join(IMPLS)}")  # fmt: skip
+    parser.add_argument("--dtypes", default="float32", help="comma-separated, from float32, bfloat16 (default float32)")
     parser.add_argument("--default-workload", action="store_true",
                         help="1024x1024, the 29-step Stage C schedule, 12 Stage B steps, one run each of wurst and "
-                             "diffusers, no FLOP count (another full run)")  # fmt: skip
+                             "diffusers in float32 and bfloat16")  # fmt: skip
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.default_workload:
-        args.size, args.prior_steps, args.steps, args.repeats, args.no_flops = 1024, 0, 12, 1, True
-        args.impls = "wurst,diffusers"
+        args.size, args.prior_steps, args.steps, args.repeats = 1024, 0, 12, 1
+        args.impls, args.dtypes = "wurst,diffusers", "float32,bfloat16"
 
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker, args.size, args.steps, args.prior_steps or None, args.flops)))
+        print(json.dumps(worker(args.worker, args.size, args.steps, args.prior_steps or None, args.dtype, args.flops)))
         return
 
-    impls = args.impls.split(",")
+    impls, dtypes = args.impls.split(","), args.dtypes.split(",")
     if unknown := set(impls) - set(IMPLS):
         sys.exit(f"bench: unknown --impls {', '.join(sorted(unknown))}: choose from {', '.join(IMPLS)}")
+    if unknown := set(dtypes) - {"float32", "bfloat16"}:
+        sys.exit(f"bench: unknown --dtypes {', '.join(sorted(unknown))}: choose from float32, bfloat16")
     repos()  # build the checkpoints, if needed, outside the timing
-    results: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for dtype in dtypes:  # wurst's cast copies, made once as a user's first run makes them
+        start = time.perf_counter()
+        weight_files(dtype)
+        print(f"{dtype} files ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    rows = [(impl, dtype) for dtype in dtypes for impl in impls]
+    results: dict[tuple[str, str], list[dict]] = {row: [] for row in rows}
     for repeat in range(args.repeats):
-        for impl in impls:
-            warm_page_cache()
-            results[impl].append(run_worker(args, impl))
-            print(f"run {repeat + 1} {impl}: {results[impl][-1]}", file=sys.stderr)
-    flops = None if args.no_flops else run_worker(args, "wurst", flops=True)["flops"]
-    rate = matmul_gflops(args.threads)
+        for impl, dtype in rows:
+            warm_page_cache(dtype)
+            results[impl, dtype].append(run_worker(args, impl, dtype))
+            print(f"run {repeat + 1} {impl} {dtype}: {results[impl, dtype][-1]}", file=sys.stderr)
+    flops = None
+    if not args.no_flops:
+        counts = run_worker(args, "wurst", flops=True)
+        n_prior = args.prior_steps or 29
+        per_stage = {"prior": n_prior, "decoder": args.steps, "stage_a": 1}
+        flops = sum(counts[f"{stage}_1"] + (n - 1) * (counts[f"{stage}_2"] - counts[f"{stage}_1"])
+                    for stage, n in per_stage.items())  # fmt: skip
+    rates = {dtype: matmul_gflops(args.threads, dtype) for dtype in dtypes}
 
     prior_steps = args.prior_steps or "29 (DEFAULT_STAGE_C_TIMESTEPS)"
-    counted = f"{flops / 1e12:.2f} TFLOP per run; " if flops else ""
+    counted = f"{flops / 1e12:.1f} TFLOP per run; " if flops else ""
     print(f"\n{args.size}x{args.size}, {prior_steps} Stage C steps (guidance 4), {args.steps} Stage B steps, "
-          f"float32, {args.threads} threads, median of {args.repeats} processes each; "
-          f"{counted}2048² matmul: {rate:.0f} GFLOP/s\n")  # fmt: skip
-    print("| | " + " | ".join(STAGES) + " | total | peak RSS | of matmul rate |")
-    print("|---" * (len(STAGES) + 4) + "|")
+          f"{args.threads} threads, median of {args.repeats} processes each; {counted}2048² matmul: "
+          + ", ".join(f"{rate:.0f} GFLOP/s in {dtype}" for dtype, rate in rates.items()) + "\n")  # fmt: skip
+    print("| | dtype | " + " | ".join(STAGES) + " | total | peak RSS | of matmul rate |")
+    print("|---" * (len(STAGES) + 5) + "|")
     totals, peaks = {}, {}
-    for impl, runs in results.items():
+    for (impl, dtype), runs in results.items():
         medians = {k: statistics.median(r[k] for r in runs) for k in (*STAGES, "peak_rss_gib")}
-        totals[impl] = sum(medians[k] for k in STAGES)
-        generation = totals[impl] - medians["load"]
+        totals[impl, dtype] = sum(medians[k] for k in STAGES)
+        generation = totals[impl, dtype] - medians["load"]
         cells = [f"{medians[k]:.1f} s" for k in STAGES]
-        peaks[impl] = medians["peak_rss_gib"]
-        share = f"{flops / generation / (rate * 1e9):.0%}" if flops else "-"
-        print(f"| {impl} | " + " | ".join(cells) + f" | {totals[impl]:.1f} s | {peaks[impl]:.2f} GiB | {share} |")
-    if "diffusers" in totals:
-        for impl in totals:
-            if impl != "diffusers":
-                print(f"\n{impl} / diffusers: total time {totals[impl] / totals['diffusers']:.2f}, peak RSS "
-                      f"{peaks[impl] / peaks['diffusers']:.2f}")  # fmt: skip
-    sums = {impl: {round(r["checksum"], 1) for r in runs} for impl, runs in results.items()}
+        peaks[impl, dtype] = medians["peak_rss_gib"]
+        share = f"{flops / generation / (rates[dtype] * 1e9):.0%}" if flops else "-"
+        print(f"| {impl} | {dtype} | " + " | ".join(cells)
+              + f" | {totals[impl, dtype]:.1f} s | {peaks[impl, dtype]:.2f} GiB | {share} |")  # fmt: skip
+    print()
+    for impl, dtype in totals:
+        for ref in [("diffusers", d) for d in dtypes if ("diffusers", d) in totals and impl != "diffusers"]:
+            print(f"{impl} {dtype} / diffusers {ref[1]}: total time {totals[impl, dtype] / totals[ref]:.2f}, "
+                  f"peak RSS {peaks[impl, dtype] / peaks[ref]:.2f}")  # fmt: skip
+    sums = {f"{impl} {dtype}": sorted({round(r["checksum"], 1) for r in runs})
+            for (impl, dtype), runs in results.items()}  # fmt: skip
     print(f"image checksums: {sums}")
 
 

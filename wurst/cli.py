@@ -52,7 +52,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default="warp-ai/wuerstchen", help="decoder: hub id, or a hub or converted folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
+                   help="default: bfloat16 on cuda and on cpus with native bfloat16 (avx512_bf16, amx), "
+                        "else float32")  # fmt: skip
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--low-memory", dest="low_memory", action="store_true",
                       help="load each model only while it runs (the default on cpu): about 5 GB at 1024x1024")

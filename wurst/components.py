@@ -19,6 +19,7 @@ from .loader import (
     SAME_NAMES,
     KeyMap,
     check_tensors,
+    files_in_dtype,
     load_module,
     read_config,
     read_headers,
@@ -97,7 +98,7 @@ def load_component(
     carry hub names, or module names when `converted`."""
     spec = COMPONENTS[name]
     key_map = SAME_NAMES if converted else spec.key_map
-    state = read_weights(files)
+    state = read_weights(files_in_dtype(files, dtype))
     return load_module(lambda: spec.model_cls(config), state, key_map, describe(files), dtype, device)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
-from .loader import SAME_NAMES, KeyMap, config_from_dict, load_module, read_json, read_safetensors
+from .loader import SAME_NAMES, KeyMap, cache_root, config_from_dict, load_module, read_json, read_safetensors
 
 CONVERTED_NAME = "stage_c_encoder"  # the weight file stem and wurst.json key in wurst's converted layout
 HUB_REPO, HUB_FILE = "dome272/wuerstchen", "model_v2_stage_b.pt"
@@ -338,10 +338,6 @@ def save_converted(model: EfficientNetEncoder, folder: str | os.PathLike) -> Pat
 
 # ---------------------------------------------------------------------------------------------------------
 # The published encoder, through the Hugging Face cache
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("WURST_CACHE", Path.home() / ".cache" / "wurst"))
 
 
 def fetch_image_encoder(dtype: torch.dtype | None = None,
