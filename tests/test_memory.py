@@ -206,7 +206,8 @@ prior, decoder, size, low_memory = sys.argv[1], sys.argv[2], int(sys.argv[3]), s
 torch.set_num_threads(2)
 def rss(key):
     return [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(key)][0]
-pipe = wurst.load_pipeline(prior=prior, decoder=decoder, device='cpu', low_memory=low_memory)
+# float32, the dtype the estimate's table was measured in (the CPU default is bfloat16 where it is native)
+pipe = wurst.load_pipeline(prior=prior, decoder=decoder, device='cpu', dtype=torch.float32, low_memory=low_memory)
 pipe.set_progress_bar_config(disable=True)
 before = rss('VmRSS')
 estimate = memory.estimate(pipe, height=size, width=size, prior_guidance_scale=4.0)
