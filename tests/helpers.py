@@ -51,6 +51,17 @@ def parity_bound(ref32: torch.Tensor, ref64: torch.Tensor) -> float:
     return max(relative_error(ref32, ref64), 1e-5)
 
 
+@torch.no_grad()
+def bfloat16_forward_errors(ref, load_ours, inputs):
+    """One forward pass in bfloat16 of wurst's model (`load_ours(dtype)`) and of diffusers' `ref`, on the same
+    float32 `inputs`: the relative errors of wurst's and of diffusers' against diffusers in float64, and between
+    the two."""
+    exact = ref.double()(*(t.double() for t in inputs))
+    theirs = ref.to(torch.bfloat16)(*(t.bfloat16() for t in inputs))
+    ours = load_ours(torch.bfloat16)(*(t.bfloat16() for t in inputs))
+    return relative_error(ours, exact), relative_error(theirs, exact), relative_error(ours, theirs)
+
+
 def assert_images_informative(images):
     """A parity test on saturated or flat images proves little."""
     clamped = ((images <= 0) | (images >= 1)).float().mean().item()

@@ -9,7 +9,14 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt
 
-from tests.helpers import OTHER, PROMPT, assert_images_informative, parity_bound, relative_error
+from tests.helpers import (
+    OTHER,
+    PROMPT,
+    assert_images_informative,
+    bfloat16_forward_errors,
+    parity_bound,
+    relative_error,
+)
 from tools import hub_fixtures, reference
 from wurst import Decoder, ModelNotFoundError, load_stage_a, load_stage_b
 
@@ -313,22 +320,16 @@ def test_attention_is_sdpa_outside_cpu_bfloat16():
                            F.scaled_dot_product_attention(qb, k.bfloat16(), v.bfloat16()))  # fmt: skip
 
 
-@torch.no_grad()
 def bfloat16_errors(decoder_dir, latent_size):
-    """Relative errors against float64 diffusers of one bfloat16 Stage B forward: wurst's and diffusers' own."""
+    """bfloat16_forward_errors of one Stage B forward, batch 1, on a latent of `latent_size`."""
     ref = WuerstchenDiffNeXt.from_pretrained(decoder_dir).eval()
     cfg = ref.config
     generator = torch.Generator().manual_seed(0)
     h, w = latent_size
-    x = torch.randn(1, cfg.c_in, h, w, generator=generator)
-    r = torch.rand(1, generator=generator)
-    effnet = 3 * torch.randn(1, cfg.effnet_embd, h // 10, w // 10, generator=generator)
-    text = torch.randn(1, 77, cfg.clip_embd, generator=generator)
-    exact = ref.double()(x.double(), r.double(), effnet.double(), text.double())
-    theirs = ref.to(torch.bfloat16)(*(t.bfloat16() for t in (x, r, effnet, text)))
-    del ref
-    ours = load_stage_b(decoder_dir, dtype=torch.bfloat16)(*(t.bfloat16() for t in (x, r, effnet, text)))
-    return relative_error(ours, exact), relative_error(theirs, exact), relative_error(ours, theirs)
+    inputs = (torch.randn(1, cfg.c_in, h, w, generator=generator), torch.rand(1, generator=generator),
+              3 * torch.randn(1, cfg.effnet_embd, h // 10, w // 10, generator=generator),
+              torch.randn(1, 77, cfg.clip_embd, generator=generator))  # fmt: skip
+    return bfloat16_forward_errors(ref, lambda dtype: load_stage_b(decoder_dir, dtype=dtype), inputs)
 
 
 def test_tiny_bfloat16_forward_is_as_accurate_as_diffusers(tiny_decoder_repo):

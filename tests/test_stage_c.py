@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
-from tests.helpers import OTHER, PROMPT, parity_bound, relative_error
+from tests.helpers import OTHER, PROMPT, bfloat16_forward_errors, parity_bound, relative_error
 from tools import hub_fixtures, reference
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, Prior, load_stage_c
 
@@ -182,20 +182,13 @@ def test_published_seed_parity(published_prior_repo):
         assert error <= 1e-3
 
 
-@torch.no_grad()
 def bfloat16_errors(prior_dir, size):
-    """Relative errors against float64 diffusers of one bfloat16 Stage C forward (guidance's batch of 2): wurst's
-    and diffusers' own."""
+    """bfloat16_forward_errors of one Stage C forward, guidance's batch of 2, on a latent of `size`."""
     ref = WuerstchenPrior.from_pretrained(prior_dir).eval()
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, ref.config.c_in, *size, generator=generator)
-    r = torch.rand(2, generator=generator)
-    text = torch.randn(2, 77, ref.config.c_cond, generator=generator)
-    exact = ref.double()(x.double(), r.double(), text.double())
-    theirs = ref.to(torch.bfloat16)(x.bfloat16(), r.bfloat16(), text.bfloat16())
-    del ref
-    ours = load_stage_c(prior_dir, dtype=torch.bfloat16)(x.bfloat16(), r.bfloat16(), text.bfloat16())
-    return relative_error(ours, exact), relative_error(theirs, exact), relative_error(ours, theirs)
+    inputs = (torch.randn(2, ref.config.c_in, *size, generator=generator), torch.rand(2, generator=generator),
+              torch.randn(2, 77, ref.config.c_cond, generator=generator))  # fmt: skip
+    return bfloat16_forward_errors(ref, lambda dtype: load_stage_c(prior_dir, dtype=dtype), inputs)
 
 
 def test_tiny_bfloat16_forward_is_as_accurate_as_diffusers(tiny_prior_repo):

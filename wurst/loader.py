@@ -382,13 +382,13 @@ def _stamp(source: Path) -> dict[str, str]:
             "source_mtime_ns": str(stat.st_mtime_ns)}  # fmt: skip
 
 
-def _copy_is_current(copy: Path, source: Path, dtype: torch.dtype) -> bool:
-    """The copy exists, is whole, carries the source's stamp and holds every tensor of the source, cast."""
+def _copy_is_current(copy: Path, source: Path, source_header: dict, dtype: torch.dtype) -> bool:
+    """The copy exists, is whole, carries the source's stamp and holds every tensor of the source (whose
+    read_header is `source_header`), cast."""
     try:
         with open(copy, "rb") as f:
             header, data_start, size = _open_header(copy, f)
             entries = _entries(copy, header, data_start, size)
-        source_header = read_header(source)
     except (OSError, CheckpointError):
         return False
     if header.get("__metadata__", {}) != {"format": "pt", **_stamp(source)} or entries.keys() != source_header.keys():
@@ -426,12 +426,12 @@ def files_in_dtype(files: list[Path], dtype: torch.dtype | None) -> list[Path]:
         return list(files)
     chosen = []
     for source in files:
-        held = {d for d, _ in read_header(source).values() if d.is_floating_point}
-        if held <= {dtype}:
+        header = read_header(source)
+        if {d for d, _ in header.values() if d.is_floating_point} <= {dtype}:
             chosen.append(source)
             continue
         copy = _cast_copy_path(source, dtype)
-        if not _copy_is_current(copy, source, dtype):
+        if not _copy_is_current(copy, source, header, dtype):
             try:
                 _write_cast_copy(source, copy, dtype)
             except Exception as e:  # OSError (read-only, full disk), or safetensors' own error on writing
