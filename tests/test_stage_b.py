@@ -307,6 +307,22 @@ def test_blocked_bfloat16_attention_against_exact(batch, heads, n, m, logit_std)
     assert error <= ATTENTION_ERROR_RATIO[logit_std] * fused_error, (error, fused_error)
 
 
+@pytest.mark.parametrize("batch, heads, n, m", attention_cases())
+def test_blocked_bfloat16_attention_is_softmax_of_each_head(batch, heads, n, m):
+    """The blocks (several heads at once, or a head's queries in blocks with a shorter last one) and the one logits
+    buffer they reuse, softmaxed in place, give what each head computed on its own in bfloat16 gives."""
+    from wurst.blocks import attention
+
+    generator = torch.Generator().manual_seed(m)
+    q, k, v = (torch.randn(batch, length, heads, 64, generator=generator).transpose(1, 2).bfloat16()
+               for length in (n, m, m))  # fmt: skip
+    with torch.no_grad():
+        got = attention(q, k, v)
+        each_head = torch.stack([torch.stack([torch.softmax((q[i, j] * 0.125) @ k[i, j].T, dim=-1) @ v[i, j]
+                                              for j in range(heads)]) for i in range(batch)])  # fmt: skip
+    torch.testing.assert_close(got, each_head)  # bfloat16's tolerances: only the summation order may differ
+
+
 def test_attention_is_sdpa_outside_cpu_bfloat16():
     import torch.nn.functional as F
 

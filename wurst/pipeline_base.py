@@ -17,6 +17,7 @@ from torch import nn
 
 from . import sampler
 from .errors import ArgumentError, NumericalError
+from .heap import kept_heap
 from .offload import Offloaded, OnDemand
 from .repository import KINDS, Repository, SchedulerConfig
 from .tokenizer import CLIPTokenizer
@@ -176,7 +177,12 @@ class PipelineBase:
 
     @contextlib.contextmanager
     def _running(self, name: str) -> Iterator[nn.Module]:
-        """Model `name` ready to compute on the execution device for the time of the block."""
+        """Model `name` ready to compute on the execution device for the time of the block, with freed CPU memory
+        kept for reuse meanwhile (heap.kept_heap)."""
+        with kept_heap():
+            yield from self._ready(name)
+
+    def _ready(self, name: str) -> Iterator[nn.Module]:
         model = getattr(self, name)
         if isinstance(model, OnDemand):
             loaded = model.load(dtype=model.dtype, device=model.device)
