@@ -16,9 +16,10 @@ implementations. Before every run the checkpoint files are read once, outside th
 starts from the same warm page cache. Each process reports its load time, the time of each stage ("prior":
 both text encodings' first half, Stage C; "decoder": Stage B and its text encoding; "stage_a": the VQGAN)
 and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and the achieved fraction of
-this machine's fp32 matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
-generation time, over the rate of a 2048x2048 matmul in the row's dtype measured here; the FLOPs come from
-1- and 2-step runs at the same size, extrapolated per step, since every step has the same shapes). Same thread
+this machine's matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
+generation time, over the rate of a 2048x2048 matmul in the row's dtype measured here, through torch.mm or
+oneDNN's linear, whichever is faster; the FLOPs come from 1- and 2-step runs at the same size, extrapolated per
+step, since every step has the same shapes). Same thread
 count for both sides. For wurst in bfloat16 the cast copies of the float32 files ($WURST_CACHE/bfloat16) are
 made before the timed runs, as a user's first run makes them once; the time that took is printed. diffusers and
 transformers come from the test extras (`make install`).
@@ -144,16 +145,28 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
 
 
 def matmul_gflops(threads: int, dtype_name: str = "float32") -> float:
-    """The best of several 2048x2048 matmuls in `dtype_name` on `threads` threads, in GFLOP/s."""
+    """The best of several 2048x2048 matmuls in `dtype_name` on `threads` threads, in GFLOP/s, through torch.mm and
+    through oneDNN's linear (which wurst's layers call), whichever is faster: on some CPUs the two differ by 2x in
+    float32 (190 against 425 GFLOP/s on an AMD Zen 5), and a rate below what the run's own kernels reach would
+    put the fraction over 100%."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = (torch.randn(2048, 2048).to(getattr(torch, dtype_name)) for _ in range(2))
+    dtype = getattr(torch, dtype_name)
+    a, b = (torch.randn(2048, 2048).to(dtype) for _ in range(2))
+    kernels = [lambda: torch.mm(a, b)]
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        bias = torch.zeros(2048, dtype=dtype)
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], ""))
     best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+    for kernel in kernels:
+        for _ in range(10):
+            start = time.perf_counter()
+            try:
+                kernel()
+            except RuntimeError:  # oneDNN without this dtype on this CPU
+                break
+            best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best / 1e9
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
@@ -31,7 +32,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
-_depth = 0  # kept_heap nests: only the outermost one sets and restores
+_lock = threading.Lock()
+_depth = 0  # kept_heap nests (and pipelines may run in several threads): the first in sets, the last out restores
 
 
 @contextlib.contextmanager
@@ -40,15 +42,17 @@ def kept_heap() -> Iterator[None]:
     if _LIBC is None:
         yield
         return
-    if _depth == 0:
-        _LIBC.mallopt(M_MMAP_THRESHOLD, RUNNING)
-        _LIBC.mallopt(M_TRIM_THRESHOLD, RUNNING)
-    _depth += 1
+    with _lock:
+        if _depth == 0:
+            _LIBC.mallopt(M_MMAP_THRESHOLD, RUNNING)
+            _LIBC.mallopt(M_TRIM_THRESHOLD, RUNNING)
+        _depth += 1
     try:
         yield
     finally:
-        _depth -= 1
-        if _depth == 0:
-            for parameter, value in AFTER.items():
-                _LIBC.mallopt(parameter, value)
-            _LIBC.malloc_trim(0)
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for parameter, value in AFTER.items():
+                    _LIBC.mallopt(parameter, value)
+                _LIBC.malloc_trim(0)
