@@ -151,8 +151,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     In bfloat16 on the CPU, a block of queries (and, where a head's whole logits are small, several heads) at a
     time, with the block's logits (at most about 8 MB) in bfloat16 in one buffer reused by every block: at these
     models' shapes this runs 2-3x faster than SDPA's fused CPU kernel (100-150 GFLOP/s there, 310-430 here,
-    where the two matmuls run near the bfloat16 matmul rate; a fresh buffer per block cost a third of that, in
-    page faults). The fused kernel keeps the logits in float32; rounding them to bfloat16 costs 2^-9 of their
+    where the two matmuls run near the bfloat16 matmul rate; fresh logits for every block made it 25-40%
+    slower). The fused kernel keeps the logits in float32; rounding them to bfloat16 costs 2^-9 of their
     size, so one call's error is 2x the fused kernel's at logits of standard deviation 1 and up to 6x at 2. In a
     whole bfloat16 forward pass, whose error the rounding of every weight and activation sets, it did not show
     (tests/test_stage_b.py, test_stage_c.py). Everywhere else (float32, where the logits' precision matters;
