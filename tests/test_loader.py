@@ -189,6 +189,18 @@ def test_first_load_writes_the_copy_and_later_loads_map_it(encoder_dir, cast_cac
     assert len(marked) == 1
 
 
+def test_the_copy_has_the_mode_of_any_new_file(encoder_dir, cast_cache):
+    """The copy is readable as the umask allows (0644 under the usual 022), like the cache's other files, and not
+    private to its writer (a temporary file's 0600)."""
+    import stat
+
+    load_bf16(encoder_dir)
+    (copy,) = cast_cache.iterdir()
+    plain = cast_cache / "plain"
+    plain.write_text("a file made as any program makes one")
+    assert stat.S_IMODE(copy.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
 def test_a_changed_source_is_cast_again(encoder_dir, cast_cache):
     load_bf16(encoder_dir)
     rewrite(encoder_dir, lambda state: state["text_model.final_layer_norm.weight"].add_(1.0))

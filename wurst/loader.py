@@ -16,8 +16,8 @@ import mmap
 import os
 import re
 import struct
-import tempfile
 import typing
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -408,10 +408,12 @@ def _write_cast_copy(source: Path, copy: Path, dtype: torch.dtype) -> None:
     state = {name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
              for name, t in read_safetensors(source).items()}  # fmt: skip
     copy.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=copy.parent, prefix=copy.name + ".", suffix=".partial")
-    os.close(fd)
+    temporary = copy.with_name(f"{copy.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
+    open(temporary, "x").close()  # claims the name, and shows the mode the umask gives a new file
     try:
+        mode = temporary.stat().st_mode
         save_file(state, temporary, metadata={"format": "pt", **_stamp(source)})
+        os.chmod(temporary, mode)  # safetensors writes its files 0600, as if private
         os.replace(temporary, copy)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
