@@ -175,7 +175,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
                 qs = slice(start, min(start + rows, n))
                 block = logits[: hs.stop - hs.start, : qs.stop - qs.start]
                 torch.bmm(q[i, hs, qs], keys[i, hs], out=block)
-                torch.softmax(block, dim=-1, out=block)  # in place: each row is read before it is written
+                torch.softmax(block, dim=-1, out=block)  # in place: the CPU kernel reads a row before writing it
                 torch.bmm(block, v[i, hs], out=out[i, hs, qs])
     return out
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-RUNNING = 2**31 - 1  # mallopt takes an int: every allocation comes from the heap, and the heap is never trimmed
+RUNNING = 2**31 - 1  # mallopt's largest (an int): blocks up to 2 GiB come from the heap, which is not trimmed
 AFTER = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 
 
