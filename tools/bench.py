@@ -19,10 +19,9 @@ and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and
 this machine's matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
 generation time, over the rate of a 2048x2048 matmul in the row's dtype measured here, through torch.mm or
 oneDNN's linear, whichever is faster; the FLOPs come from 1- and 2-step runs at the same size, extrapolated per
-step, since every step has the same shapes). Same thread
-count for both sides. For wurst in bfloat16 the cast copies of the float32 files ($WURST_CACHE/bfloat16) are
-made before the timed runs, as a user's first run makes them once; the time that took is printed. diffusers and
-transformers come from the test extras (`make install`).
+step, since every step has the same shapes). Same thread count for both sides. For wurst in bfloat16 the cast
+copies of the float32 files ($WURST_CACHE/bfloat16) are made before the timed runs, as a user's first run makes
+them once; the time that took is printed. diffusers and transformers come from the test extras (`make install`).
 """
 
 from __future__ import annotations
@@ -151,21 +150,20 @@ def matmul_gflops(threads: int, dtype_name: str = "float32") -> float:
     put the fraction over 100%."""
     import torch
 
+    from wurst.blocks import _ONEDNN_DTYPES  # where wurst's layers use oneDNN's linear (probed per dtype)
+
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     a, b = (torch.randn(2048, 2048).to(dtype) for _ in range(2))
     kernels = [lambda: torch.mm(a, b)]
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if dtype in _ONEDNN_DTYPES:
         bias = torch.zeros(2048, dtype=dtype)
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], ""))
     best = float("inf")
     for kernel in kernels:
         for _ in range(10):
             start = time.perf_counter()
-            try:
-                kernel()
-            except RuntimeError:  # oneDNN without this dtype on this CPU
-                break
+            kernel()
             best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best / 1e9
 

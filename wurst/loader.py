@@ -416,7 +416,7 @@ def _write_cast_copy(source: Path, copy: Path, dtype: torch.dtype) -> None:
         os.chmod(temporary, mode)  # safetensors writes its files 0600, as if private
         os.replace(temporary, copy)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
