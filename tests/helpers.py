@@ -82,7 +82,7 @@ def run_cli(args, capsys):
 def run_module(args, env=None, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=120)  # fmt: skip
+                          timeout=120)
 
 
 def files_in(folder: Path) -> list[str]:
@@ -91,7 +91,7 @@ def files_in(folder: Path) -> list[str]:
 
 
 def assert_one_line_error(code, out, err, culprit, folder, *, exit_code=2, prefix="wurst: error: ",
-                          progress_ok=False):  # fmt: skip
+                          progress_ok=False):
     """A non-zero exit, exactly one line on stderr (besides the progress lines of stages that finished, when
     `progress_ok`), naming `culprit`, no traceback, nothing on stdout and no file in `folder`."""
     assert code == exit_code, err

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from tools import hub_fixtures
-from wurst import effnet
+from wurst.models import effnet
+from wurst.weights.keymaps import image_encoder_keys
 
 # Six stages as in EfficientNetV2-S (so the published strides apply), a few channels each; 16 output channels,
 # as the tiny Stage C and Stage B take.
 TINY_ENCODER = effnet.EfficientNetConfig(stem=8, widths=(8, 8, 16, 16, 24, 32), depths=(1, 2, 1, 2, 1, 1),
-                                         expand_ratios=(1, 2, 2, 1, 2, 2), c_cond=48, c_latent=16)  # fmt: skip
+                                         expand_ratios=(1, 2, 2, 1, 2, 2), c_cond=48, c_latent=16)
 
 
 def tiny_encoder(seed: int = 0, config: effnet.EfficientNetConfig = TINY_ENCODER) -> effnet.EfficientNetEncoder:
@@ -27,7 +28,7 @@ def tiny_encoder(seed: int = 0, config: effnet.EfficientNetConfig = TINY_ENCODER
 
 def original_state(model: effnet.EfficientNetEncoder) -> dict[str, torch.Tensor]:
     """The module's tensors under the original release's names, with the BatchNorm counters it also carries."""
-    keys = effnet.checkpoint_keys(model.config)
+    keys = image_encoder_keys(model.config)
     state = {keys.to_checkpoint(name): tensor.clone() for name, tensor in model.state_dict().items()}
     for name in list(state):
         if name.endswith(".running_var"):
@@ -38,7 +39,7 @@ def original_state(model: effnet.EfficientNetEncoder) -> dict[str, torch.Tensor]
 def save_stage_b_release(model: effnet.EfficientNetEncoder, path: Path) -> Path:
     """A model_v2_stage_b.pt stand-in: the encoder under effnet_state_dict beside a (dummy) Stage B state."""
     torch.save({"state_dict": {"clip_mapper.weight": torch.zeros(2, 2)}, "effnet_state_dict": original_state(model),
-                "iter": 1}, path)  # fmt: skip
+                "iter": 1}, path)
     return path
 
 
@@ -53,7 +54,7 @@ def write_png16(path: Path, array: np.ndarray) -> Path:
 
     header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))  # fmt: skip
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -62,5 +63,5 @@ def photo(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
     channels = [0.5 + 0.3 * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
-                for fx, fy, phase in rng.uniform(0.5, 4, size=(3, 3))]  # fmt: skip
+                for fx, fy, phase in rng.uniform(0.5, 4, size=(3, 3))]
     return (np.stack(channels, -1) * 255).round().astype(np.uint8)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from tests.helpers import ROOT, assert_one_line_error, files_in, run_cli
 from wurst import batch
-from wurst.pipeline import load_pipeline
+from wurst.api import load_pipeline
 
 # Eight images of two sizes: unseeded lines (image k draws from BASE + k), a seeded line of two images (one
 # generator draws both, as `--num-images 2` does), a seeded single image and a negative prompt.
@@ -70,7 +70,7 @@ def test_each_image_is_what_the_cli_draws_from_its_seed(prompts, repos, out_dir,
     assert [r["index"] for r in records] == list(range(8)) and [r["file"] for r in records] == names
     assert [r["seed"] for r in records] == [100, 101, 102, 77, 77, 105, 5, 107]
     assert [r["prompt"] for r in records] == ["a cat", "a dog", "a dog", "a ship", "a ship", "a tall tower", "a lamp",
-                                              LINES[5]["prompt"]]  # fmt: skip
+                                              LINES[5]["prompt"]]
     for record in records:
         data = (out_dir / record["file"]).read_bytes()
         assert record["sha256"] == hashlib.sha256(data).hexdigest()
@@ -98,7 +98,7 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_not(prompts, repos, out_dir
 
     # Complete: nothing is loaded, nothing changes.
     loads = []
-    monkeypatch.setattr("wurst.pipeline.load_pipeline", lambda **kw: loads.append(kw) or load_pipeline(**kw))
+    monkeypatch.setattr("wurst.api.load_pipeline", lambda **kw: loads.append(kw) or load_pipeline(**kw))
     assert run_batch(args, capsys)[0] == 0
     assert loads == [] and contents(out_dir) == finished
 
@@ -109,7 +109,7 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_not(prompts, repos, out_dir
     generate_group = batch.generate_group
     monkeypatch.setattr(batch, "generate_group",
                         lambda pipe, group, *a, **k: drawn.append([i.index for i in group]) or generate_group(
-                            pipe, group, *a, **k))  # fmt: skip
+                            pipe, group, *a, **k))
     assert run_batch(args, capsys)[0] == 0
     assert sorted(drawn) == [[2], [6]]
     assert contents(out_dir) == finished
@@ -121,7 +121,7 @@ def test_another_job_into_the_same_folder_is_refused_naming_the_difference(promp
     code, out, err = run_batch([prompts, "--out", out_dir, *JOB, *repos, "--decoder-steps", "4"], capsys)
     assert code == 2 and out == "" and "Traceback" not in err
     assert err.strip() == f"wurst.batch: error: --out {out_dir} holds another job (job.json): decoder_steps is 3 " \
-                          "there, 4 here"  # fmt: skip
+                          "there, 4 here"
     prompts.write_text('{"prompt": "something else"}\n', encoding="utf-8")
     code, out, err = run_batch([prompts, "--out", out_dir, *JOB, *repos], capsys)
     assert code == 2 and "prompts_sha256 is" in err and len(err.splitlines()) == 1
@@ -173,7 +173,7 @@ BAD_JOBS = {
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    monkeypatch.setattr("wurst.pipeline.load_pipeline", lambda **kw: pytest.fail("a model loaded"))
+    monkeypatch.setattr("wurst.api.load_pipeline", lambda **kw: pytest.fail("a model loaded"))
 
 
 @pytest.mark.parametrize("case", BAD_JOBS, ids=list(BAD_JOBS))
@@ -260,7 +260,7 @@ def uninterrupted(tmp_path_factory, tiny_prior_repo, tiny_decoder_repo):
     prompts.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in LINES), encoding="utf-8")
     repos = ["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo)]
     done = subprocess.run(batch_command(prompts, folder / "out", repos, 1), env=ENV, capture_output=True, text=True,
-                          timeout=300, cwd=folder)  # fmt: skip
+                          timeout=300, cwd=folder)
     assert done.returncode == 0, done.stderr
     return prompts, repos, contents(folder / "out")
 
@@ -268,7 +268,7 @@ def uninterrupted(tmp_path_factory, tiny_prior_repo, tiny_decoder_repo):
 def test_torchrun_two_processes_write_the_files_of_one(uninterrupted, tmp_path):
     prompts, repos, expected = uninterrupted
     done = subprocess.run(batch_command(prompts, tmp_path / "out", repos, 2), env=ENV, capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+                          text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert contents(tmp_path / "out") == expected
     assert "8/8 images" in done.stderr and "rank" not in done.stderr
@@ -286,7 +286,7 @@ def test_sigkill_then_rerun_ends_byte_identical(processes, uninterrupted, tmp_pa
     prompts, repos, expected = uninterrupted
     out = tmp_path / "out"
     job = subprocess.Popen(batch_command(prompts, out, repos, processes), env=ENV, cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not any(p.stat().st_size for p in (out / ".journal").glob("rank-*.jsonl")):
         assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
@@ -306,6 +306,6 @@ def test_sigkill_then_rerun_ends_byte_identical(processes, uninterrupted, tmp_pa
         assert all(json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines())
 
     rerun = subprocess.run(batch_command(prompts, out, repos, processes), env=ENV, capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path)  # fmt: skip
+                           timeout=300, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert contents(out) == expected

@@ -11,7 +11,8 @@ import math
 import pytest
 
 from tests.helpers import INF, LONG_CUT, LONG_PROMPT, NAN, SHORT_PROMPT, SMALL
-from wurst import PromptTruncatedWarning, checks
+from wurst import PromptTruncatedWarning
+from wurst.pipelines import checks
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def no_model_may_run(pipe, monkeypatch):
         raise AssertionError("a model ran before the arguments were checked")
 
     for module in (pipe.prior.model, pipe.prior.text_encoder, pipe.decoder.model, pipe.decoder.text_encoder,
-                   pipe.decoder.vqgan):  # fmt: skip
+                   pipe.decoder.vqgan):
         monkeypatch.setattr(module, "forward", refuse)
     monkeypatch.setattr(pipe.decoder, "decode", refuse)
     return pipe
@@ -78,7 +79,7 @@ def test_api_refuses_bad_arguments_before_any_model_runs(kwargs, message, no_mod
         pytest.param("pipe", dict(decoder_timesteps=[0.0, 1.0]), "decoder_timesteps"),
         pytest.param("prior", dict(num_inference_steps=0), "num_inference_steps"),
     ],
-)  # fmt: skip
+)
 def test_step_and_timestep_errors_name_the_argument(target, kwargs, culprit, no_model_may_run):
     """prior_num_inference_steps=0 and num_inference_steps=0 must not give the same message."""
     call = no_model_may_run if target == "pipe" else no_model_may_run.prior

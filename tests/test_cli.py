@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 from wurst import Pipeline
 from wurst.cli import main, write_file_atomically, write_png_atomically
-from wurst.pipeline import default_dtype
+from wurst.runtime.devices import default_dtype
 
 FAST = ["--height", "256", "--width", "128", "--prior-steps", "3", "--decoder-steps", "12"]
 
@@ -45,17 +45,17 @@ def repos(tiny_prior_repo, tiny_decoder_repo):
 
 
 def test_png_equals_the_api_image_and_its_metadata_regenerates_it(tmp_path, repos, capsys, tiny_prior_repo,
-                                                                   tiny_decoder_repo):  # fmt: skip
+                                                                   tiny_decoder_repo):
     target = tmp_path / "cat.png"
     code, out, err = run_cli([PROMPT, *repos, *FAST, "--seed", "42", "--negative-prompt", "ugly",
-                              "--output", target], capsys)  # fmt: skip
+                              "--output", target], capsys)
     assert code == 0, err
     assert out.strip() == str(target)
     # The API in the CLI's default dtype (bfloat16 on CPUs that multiply it natively, else float32).
     dtype = default_dtype(torch.device("cpu"))
     pipe = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu", dtype=dtype)
     api = pipe(PROMPT, height=256, width=128, negative_prompt="ugly", prior_num_inference_steps=3,
-               generator=torch.Generator("cpu").manual_seed(42), output_type="np")[0]  # fmt: skip
+               generator=torch.Generator("cpu").manual_seed(42), output_type="np")[0]
     png = Image.open(target)
     pixels = np.asarray(png)
     assert png.size == (128, 256)
@@ -148,11 +148,11 @@ def test_ctrl_c_exits_cleanly_without_files(tmp_path, repos):
     """SIGINT while the sampler runs: exit 130, a short message, no traceback and no file."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "wurst", PROMPT, *repos, "--height", "1024", "--width", "1024",
-            "--prior-steps", "2", "--decoder-steps", "60", "--output", str(tmp_path / "x.png")]  # fmt: skip
+            "--prior-steps", "2", "--decoder-steps", "60", "--output", str(tmp_path / "x.png")]
     # A child of a shell's background job starts with SIGINT ignored, and Python then installs no
     # KeyboardInterrupt handler: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # The first state of the Stage B bar: Stage C is done and Stage B is running.
         for line in proc.stderr:
@@ -230,11 +230,11 @@ def test_cli_refuses_a_missing_prompt(out_dir, capsys, no_loading):
                           "were cut"),
     ],
     ids=["size-over-2048", "prompt-over-77-tokens"],
-)  # fmt: skip
+)
 def test_cli_warns_but_writes_the_image(prompt, args, warning, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
     target = out_dir / "x.png"
     code, out, err = run_cli([prompt, *ONE_STEP, *args, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
-                              "--output", target], capsys)  # fmt: skip
+                              "--output", target], capsys)
     assert code == 0, err
     assert out.strip() == str(target) and files_in(out_dir) == ["x.png"]
     assert any(line.startswith(warning) for line in err.splitlines()), err
@@ -243,7 +243,7 @@ def test_cli_warns_but_writes_the_image(prompt, args, warning, tiny_prior_repo, 
 
 def test_cli_warns_once_about_a_size_over_2048(tiny_prior_repo, tiny_decoder_repo, out_dir):
     result = run_module(["-m", "wurst", SHORT_PROMPT, *ONE_STEP, "--height", "2176", "--prior", tiny_prior_repo,
-                         "--decoder", tiny_decoder_repo, "--output", out_dir / "x.png"])  # fmt: skip
+                         "--decoder", tiny_decoder_repo, "--output", out_dir / "x.png"])
     assert result.returncode == 0, result.stderr
     assert files_in(out_dir) == ["x.png"]
     assert [line for line in result.stderr.splitlines() if "2176" in line] == [
@@ -284,7 +284,7 @@ def test_cli_refuses_when_any_numbered_output_exists(tmp_path, capsys, no_loadin
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--num-images", "2", "--output", tmp_path / "x.png"], capsys)
     assert code == 2 and out == "" and "Traceback" not in err
     assert err.strip() == f"wurst: error: {taken} already exists: pass --overwrite to replace it, or choose another " \
-                          "--output"  # fmt: skip
+                          "--output"
     assert files_in(tmp_path) == ["x-2.png"] and taken.read_bytes() == b"precious"
 
 
@@ -337,13 +337,13 @@ def disk_full(monkeypatch):
 
 def test_cli_failed_write_leaves_no_file(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys, disk_full):
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, "No space left on device", out_dir, progress_ok=True)
 
 
 def test_cli_failed_write_names_the_file(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys, disk_full):
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, str(out_dir / "x.png"), out_dir, progress_ok=True)
 
 
@@ -354,7 +354,7 @@ def test_cli_failed_write_names_the_file(tiny_prior_repo, tiny_decoder_repo, out
 
 @pytest.mark.parametrize("when", ["loading", "sampling", "writing"])
 def test_cli_interrupt_exits_130_without_files(when, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys,
-                                               monkeypatch):  # fmt: skip
+                                               monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -366,9 +366,9 @@ def test_cli_interrupt_exits_130_without_files(when, tiny_prior_repo, tiny_decod
     else:
         monkeypatch.setattr(Image.Image, "save", failing_save(KeyboardInterrupt()))
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, "no image was written", out_dir, exit_code=130,
-                          prefix="wurst: interrupted", progress_ok=True)  # fmt: skip
+                          prefix="wurst: interrupted", progress_ok=True)
 
 
 def test_internal_errors_keep_their_traceback(tiny_prior_repo, tiny_decoder_repo, tmp_path, monkeypatch):
@@ -380,4 +380,4 @@ def test_internal_errors_keep_their_traceback(tiny_prior_repo, tiny_decoder_repo
     monkeypatch.setattr(wurst.StageC, "forward", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         main([PROMPT, "--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), *FAST,
-              "--output", str(tmp_path / "x.png")])  # fmt: skip
+              "--output", str(tmp_path / "x.png")])

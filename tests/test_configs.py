@@ -8,7 +8,7 @@ import torch
 
 from tools.hub_fixtures import CONFIGS, REPOS, component_config
 from wurst import CLIPTextConfig
-from wurst.loader import read_config
+from wurst.weights.configs import read_config
 
 # Parameter counts of the published checkpoints (../shared/reference/wuerstchen-in-diffusers.md, section 3).
 COUNTS = {

@@ -29,7 +29,7 @@ def images(prior, decoder, seed=3):
 def converted(tmp_path_factory, tiny_prior_repo, tiny_decoder_repo):
     out = tmp_path_factory.mktemp("converted")
     assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
-                                 "--out", str(out)]) == 0  # fmt: skip
+                                 "--out", str(out)]) == 0
     return out
 
 
@@ -58,7 +58,7 @@ def test_original_release_files_give_identical_images(tmp_path, converted, tiny_
     files = {}
     for flag, folder, repo, key in [("--stage-c", "prior", tiny_prior_repo, "ema_state_dict"),
                                     ("--stage-b", "decoder", tiny_decoder_repo, "state_dict"),
-                                    ("--stage-a", "vqgan", tiny_decoder_repo, "state_dict")]:  # fmt: skip
+                                    ("--stage-a", "vqgan", tiny_decoder_repo, "state_dict")]:
         release = to_release_layout(load_file(repo / folder / "diffusion_pytorch_model.safetensors"))
         assert any("in_proj" in k or "codebook" in k for k in release)
         files[flag] = tmp_path / f"{folder}.pt"
@@ -73,7 +73,7 @@ def test_converted_layout_is_one_file_per_model(converted):
     common = ["text_encoder.safetensors", "tokenizer", "wurst.json"]
     assert sorted(p.name for p in (converted / "prior").iterdir()) == ["stage_c.safetensors", *common]
     assert sorted(p.name for p in (converted / "decoder").iterdir()) == [
-        "README.md", "stage_a.safetensors", "stage_b.safetensors", *common]  # fmt: skip
+        "README.md", "stage_a.safetensors", "stage_b.safetensors", *common]
     index = json.loads((converted / "decoder" / "wurst.json").read_text())
     assert index["kind"] == "decoder" and index["models"]["stage_b"]["c_hidden"] == [16, 32, 32, 32]
     with safe_open(converted / "prior" / "stage_c.safetensors", "pt") as f:
@@ -82,7 +82,7 @@ def test_converted_layout_is_one_file_per_model(converted):
 
 def test_cast_to_bfloat16(tmp_path, tiny_prior_repo, tiny_decoder_repo, converted):
     assert convert_weights.main(["--prior", str(converted / "prior"), "--decoder", str(tiny_decoder_repo),
-                                 "--out", str(tmp_path), "--dtype", "bfloat16"]) == 0  # fmt: skip
+                                 "--out", str(tmp_path), "--dtype", "bfloat16"]) == 0
     with safe_open(tmp_path / "decoder" / "stage_b.safetensors", "pt") as f:
         assert f.get_tensor("head.weight").dtype == torch.bfloat16
     prior = Prior.from_pretrained(tmp_path / "prior", device="cpu", dtype=torch.bfloat16)
@@ -100,7 +100,7 @@ def test_interpolate_two_stage_c_checkpoints(tmp_path, tiny_prior_repo, tiny_dec
         out = tmp_path / f"blend-{alpha}"
         assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
                                      "--out", str(out), "--interpolate", str(tiny_prior_repo / "prior"), str(other),
-                                     "--alpha", str(alpha)]) == 0  # fmt: skip
+                                     "--alpha", str(alpha)]) == 0
         blended = Prior.from_pretrained(out / "prior").model.state_dict()
         for name in ("head.weight", "blocks.0.grn.gamma", "blocks.2.q_proj.bias"):
             torch.testing.assert_close(blended[name], (1 - alpha) * a[name] + alpha * b[name], rtol=0, atol=1e-7)
@@ -110,7 +110,7 @@ def test_interpolate_two_stage_c_checkpoints(tmp_path, tiny_prior_repo, tiny_dec
 def test_existing_output_is_refused(tmp_path, tiny_prior_repo, tiny_decoder_repo, capsys):
     (tmp_path / "prior").mkdir()
     code = convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
-                                 "--out", str(tmp_path)])  # fmt: skip
+                                 "--out", str(tmp_path)])
     assert code == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
 
 
@@ -158,7 +158,7 @@ def test_convert_refusal_is_one_line_in_a_real_process(form, tmp_path, tiny_prio
     path, marker = code_running_checkpoint(tmp_path, form)
     out = tmp_path / "converted"
     result = run_module([ROOT / "tools" / "convert_weights.py",
-                         *convert_args(tiny_prior_repo, tiny_decoder_repo, out, "--stage-c", path)])  # fmt: skip
+                         *convert_args(tiny_prior_repo, tiny_decoder_repo, out, "--stage-c", path)])
     assert result.returncode == 2 and result.stdout == ""
     assert "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -178,7 +178,7 @@ def test_convert_refusal_names_the_refused_callable(form, tmp_path, tiny_prior_r
 
 @pytest.mark.parametrize("flag", ["--stage-b", "--stage-a"])
 def test_convert_refuses_a_bad_decoder_file_before_writing(flag, tmp_path, tiny_prior_repo, tiny_decoder_repo,
-                                                           capsys):  # fmt: skip
+                                                           capsys):
     path, marker = code_running_checkpoint(tmp_path, "zip")
     out = tmp_path / "converted"
     code = convert_weights.main(convert_args(tiny_prior_repo, tiny_decoder_repo, out, flag, path))
@@ -188,11 +188,11 @@ def test_convert_refuses_a_bad_decoder_file_before_writing(flag, tmp_path, tiny_
 
 
 def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path, tiny_prior_repo, tiny_decoder_repo,
-                                                                     monkeypatch):  # fmt: skip
+                                                                     monkeypatch):
     """--overwrite swaps the new folder in only once it is complete; if the swap itself fails, the old output is
     put back, never lost."""
     argv = ["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), "--out", str(tmp_path),
-            "--overwrite"]  # fmt: skip
+            "--overwrite"]
     assert convert_weights.main(argv) == 0
     before = (tmp_path / "prior" / "stage_c.safetensors").read_bytes()
     real_rename = type(tmp_path).rename

@@ -212,7 +212,7 @@ def adapt(example: Example, library: str, *, dtype: torch.dtype | None, to_np: b
 
 
 def run_example(example: Example, library: str, *, seed: int, dtype: torch.dtype | None = None, to_np: bool = True,
-                small: bool = False, between: str = "", namespace: dict | None = None) -> dict:  # fmt: skip
+                small: bool = False, between: str = "", namespace: dict | None = None) -> dict:
     """Run one side of an example; return its namespace, with the images under "IMAGES" and the seconds the
     generating part took under "SECONDS". `between` runs after loading (the torch.compile snippet), in the
     namespace that starts as `namespace`."""
@@ -236,7 +236,7 @@ def images_of(name: str, library: str, seed: int, dtype: torch.dtype | None, sma
     images = result["IMAGES"]
     assert isinstance(images, np.ndarray) and images.dtype == np.float32, type(images)
     print(f"{name} {library} {dtype or 'float16'} seed {seed}{' small' if small else ''}: "
-          f"{result['SECONDS']:.1f} s")  # fmt: skip
+          f"{result['SECONDS']:.1f} s")
     return images
 
 
@@ -375,7 +375,7 @@ SANITY_MAX_ABS, SANITY_MEAN_ABS = 0.15, 0.015
 # 21.8 s and prior-then-decoder about the same, several times that under load: those two run at the doc's sizes
 # only in the slow suite, and at reduced sizes (256 x 384, two seeds) in the fast one.
 FLOAT16_DOC_SIZE_IS_QUICK = {"text-to-image": False, "prior-then-decoder": False, "docstring": True,
-                             "combined-docstring": True}  # fmt: skip
+                             "combined-docstring": True}
 
 
 def assert_float16_agrees(name: str, seed: int, small: bool) -> None:
@@ -472,7 +472,7 @@ def test_compile_snippet_runs_the_compiled_models(offline_hub):
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     try:
         ns = run_example(PRIOR_DECODER, "wurst", seed=0, dtype=torch.float32, small=True, between=snippet,
-                         namespace={f"count_{stage}": backend for stage, backend in counts.items()})  # fmt: skip
+                         namespace={f"count_{stage}": backend for stage, backend in counts.items()})
         if DEVICE.startswith("cuda"):
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= before + 2
         else:
@@ -495,7 +495,7 @@ def test_compile_snippet_runs_the_compiled_models(offline_hub):
 
 
 @pytest.mark.parametrize("cls", [wurst.AutoPipelineForText2Image, wurst.WuerstchenCombinedPipeline],
-                         ids=lambda c: c.__name__)  # fmt: skip
+                         ids=lambda c: c.__name__)
 def test_from_pretrained_finds_the_prior_through_the_model_card(cls, offline_hub):
     pipe = cls.from_pretrained("warp-ai/wuerstchen")
     assert type(pipe) is wurst.WuerstchenCombinedPipeline
@@ -503,7 +503,7 @@ def test_from_pretrained_finds_the_prior_through_the_model_card(cls, offline_hub
     assert Path(pipe.prior_pipe.name_or_path) == snapshot("warp-ai/wuerstchen-prior")
     prior = wurst.WuerstchenPriorPipeline.from_pretrained(hub_fixtures.ensure("tiny", "prior")).prior
     assert all(torch.equal(a, b) for a, b in zip(pipe.prior_prior.state_dict().values(),
-                                                  prior.state_dict().values(), strict=True))  # fmt: skip
+                                                  prior.state_dict().values(), strict=True))
 
 
 def decoder_copy(tmp_path: Path) -> Path:
@@ -513,7 +513,7 @@ def decoder_copy(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("cls", [wurst.AutoPipelineForText2Image, wurst.WuerstchenCombinedPipeline],
-                         ids=lambda c: c.__name__)  # fmt: skip
+                         ids=lambda c: c.__name__)
 def test_the_model_card_names_the_prior(cls, offline_hub, tmp_path):
     """It is the card that decides: one naming another (uncached) prior sends the loader there."""
     folder = decoder_copy(tmp_path)
@@ -524,7 +524,7 @@ def test_the_model_card_names_the_prior(cls, offline_hub, tmp_path):
 
 
 @pytest.mark.parametrize("cls", [wurst.AutoPipelineForText2Image, wurst.WuerstchenCombinedPipeline],
-                         ids=lambda c: c.__name__)  # fmt: skip
+                         ids=lambda c: c.__name__)
 def test_decoder_without_model_card_names_prior_repo(cls, offline_hub, tmp_path):
     folder = decoder_copy(tmp_path)
     (folder / "README.md").unlink()

@@ -14,7 +14,10 @@ from torch import nn
 from tests.helpers import RunsCode, parity_bound, relative_error
 from tests.image_fixtures import TINY_ENCODER, original_state, save_stage_b_release, tiny_encoder
 from tools import hub_fixtures
-from wurst import CheckpointError, ConfigError, ModelNotFoundError, effnet
+from wurst import CheckpointError, ConfigError, ModelNotFoundError
+from wurst.models import effnet
+from wurst.weights import image_encoder
+from wurst.weights.keymaps import image_encoder_keys
 
 
 class OriginalEncoder(nn.Module):
@@ -70,7 +73,7 @@ def published_release(tmp_path_factory):
 @torch.no_grad()
 def test_encoder_matches_the_original_in_float32(published_release, size):
     ref, path = published_release
-    ours = effnet.load_image_encoder(path)
+    ours = image_encoder.load_image_encoder(path)
     assert ours.config == effnet.EfficientNetConfig()  # read from the shapes: EfficientNetV2-S, 16 channels
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1]))
     ref32 = ref(x)
@@ -87,7 +90,7 @@ def test_encoder_matches_the_original_in_float32(published_release, size):
 def test_original_key_map_covers_the_release_layout(published_release):
     """Every tensor of the original layout has its place, num_batches_tracked aside, and back again."""
     ref, _ = published_release
-    keys = effnet.checkpoint_keys(effnet.EfficientNetConfig())
+    keys = image_encoder_keys(effnet.EfficientNetConfig())
     names = [n for n in ref.state_dict() if not n.endswith("num_batches_tracked")]
     with torch.device("meta"):
         ours = set(effnet.EfficientNetEncoder(effnet.EfficientNetConfig()).state_dict())
@@ -99,31 +102,31 @@ def test_original_key_map_covers_the_release_layout(published_release):
 def test_a_small_release_file_gives_its_own_config():
     model = tiny_encoder()
     state = original_state(model)
-    assert effnet.original_config(state, "tiny") == TINY_ENCODER
+    assert image_encoder.original_config(state, "tiny") == TINY_ENCODER
 
 
 @torch.no_grad()
 def test_release_file_and_converted_folder_give_the_same_encoder(tmp_path):
     model = tiny_encoder()
     release = save_stage_b_release(model, tmp_path / "model_v2_stage_b.pt")
-    from_release = effnet.load_image_encoder(release)
-    folder = effnet.save_converted(from_release, tmp_path / "converted")
+    from_release = image_encoder.load_image_encoder(release)
+    folder = image_encoder.save_converted(from_release, tmp_path / "converted")
     index = json.loads((folder / "wurst.json").read_text())
-    assert index["models"][effnet.CONVERTED_NAME]["widths"] == list(TINY_ENCODER.widths)
-    from_folder = effnet.load_image_encoder(folder)
+    assert index["models"][image_encoder.CONVERTED_NAME]["widths"] == list(TINY_ENCODER.widths)
+    from_folder = image_encoder.load_image_encoder(folder)
     x = torch.randn(1, 3, 96, 64, generator=torch.Generator().manual_seed(0))
     expected = model(x)
     assert torch.equal(from_release(x), expected) and torch.equal(from_folder(x), expected)
     assert expected.std() > 0.05
-    bf16 = effnet.load_image_encoder(folder, dtype=torch.bfloat16)
+    bf16 = image_encoder.load_image_encoder(folder, dtype=torch.bfloat16)
     assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
 def test_adding_the_encoder_keeps_a_folder_index(tmp_path):
     (tmp_path / "wurst.json").write_text(json.dumps({"format": "wurst", "kind": "prior", "models": {"stage_c": {}}}))
-    effnet.save_converted(tiny_encoder(), tmp_path)
+    image_encoder.save_converted(tiny_encoder(), tmp_path)
     index = json.loads((tmp_path / "wurst.json").read_text())
-    assert index["kind"] == "prior" and set(index["models"]) == {"stage_c", effnet.CONVERTED_NAME}
+    assert index["kind"] == "prior" and set(index["models"]) == {"stage_c", image_encoder.CONVERTED_NAME}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage_c_encoder.safetensors", "wurst.json"]
 
 
@@ -148,7 +151,7 @@ def test_refusals(tmp_path):
     cases.append((tmp_path / "lacking.pt", CheckpointError, "missing tensor 'mapper.1.running_var'"))
     for ref, error, message in cases:
         with pytest.raises(error) as caught:
-            effnet.load_image_encoder(ref)
+            image_encoder.load_image_encoder(ref)
         assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
@@ -157,17 +160,17 @@ def test_a_release_file_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "model_v2_stage_b.pt"
     torch.save({"effnet_state_dict": RunsCode(marker)}, path)
     with pytest.raises(CheckpointError, match="weights-only loading refuses"):
-        effnet.load_image_encoder(path)
+        image_encoder.load_image_encoder(path)
     assert not marker.exists()
 
 
 def test_a_bad_converted_config_is_named(tmp_path):
-    effnet.save_converted(tiny_encoder(), tmp_path)
+    image_encoder.save_converted(tiny_encoder(), tmp_path)
     index = json.loads((tmp_path / "wurst.json").read_text())
     index["models"]["stage_c_encoder"]["depths"] = [1, 2]
     (tmp_path / "wurst.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="one entry per stage"):
-        effnet.load_image_encoder(tmp_path)
+        image_encoder.load_image_encoder(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,17 +206,17 @@ def test_fetched_once_then_reused_without_the_hub(offline, tmp_path):
     model = tiny_encoder(seed=5)
     cache_release(offline, model)
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(effnet.fetch_image_encoder()(x), model(x))
+    assert torch.equal(image_encoder.fetch_image_encoder()(x), model(x))
     extracted = tmp_path / "wurst-cache" / "image_encoder" / "dome272--wuerstchen"
-    assert effnet.has_converted(extracted)
+    assert image_encoder.has_converted(extracted)
     for path in sorted(offline.rglob("*"), reverse=True):  # the hub file is gone: the extracted copy serves
         path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
-    assert torch.equal(effnet.fetch_image_encoder()(x), model(x))
+    assert torch.equal(image_encoder.fetch_image_encoder()(x), model(x))
 
 
 def test_offline_without_the_file_names_it_and_the_download_command(offline):
     with pytest.raises(ModelNotFoundError) as caught:
-        effnet.fetch_image_encoder()
+        image_encoder.fetch_image_encoder()
     message = str(caught.value)
     assert "model_v2_stage_b.pt" in message and "`hf download dome272/wuerstchen model_v2_stage_b.pt`" in message
     assert "\n" not in message

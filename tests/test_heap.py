@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import wurst
-from wurst import heap
+from wurst.runtime import heap
 
 pytestmark = pytest.mark.skipif(heap._LIBC is None, reason="glibc's malloc only")
 

@@ -18,8 +18,11 @@ import torch
 import wurst
 from tests.helpers import ONE_STEP, SHORT_PROMPT, WEIGHTS, assert_one_line_error, edit_weights, run_cli, run_module
 from tools import convert_weights
-from wurst import CheckpointError, ConfigError, clip
-from wurst.loader import load_module, read_config, read_weights
+from wurst import CheckpointError, ConfigError
+from wurst.weights.configs import read_config
+from wurst.weights.keymaps import CLIP_TEXT_KEYS
+from wurst.weights.load import load_module
+from wurst.weights.safetensors_io import read_weights
 
 SECONDS = 5  # "a few seconds": a hang or a model built at an absurd size takes far longer
 
@@ -65,7 +68,7 @@ def shrink_text_encoder(embedding: str, rows: int):
     def damage(repo: Path) -> Path:
         name = f"text_model.embeddings.{embedding}.weight"
         edit_weights(repo / "text_encoder" / "model.safetensors",
-                     lambda state: state.__setitem__(name, state[name][:rows].clone()))  # fmt: skip
+                     lambda state: state.__setitem__(name, state[name][:rows].clone()))
         field = "vocab_size" if embedding == "token_embedding" else "max_position_embeddings"
         return set_config("text_encoder", **{field: rows})(repo)
 
@@ -156,12 +159,12 @@ HOSTILE = {
     "text-encoder-positions-fewer-than-the-tokens": ("decoder", shrink_text_encoder("position_embedding", 16),
                                                      "{config}: the field 'max_position_embeddings' is 16, but the "
                                                      "tokenizer pads prompts to 77 tokens"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_cli_refuses_hostile_repository_in_one_line(case, tmp_path, tiny_prior_repo, tiny_decoder_repo, out_dir,
-                                                    capsys):  # fmt: skip
+                                                    capsys):
     kind, damage, template = HOSTILE[case]
     originals = {"prior": tiny_prior_repo, "decoder": tiny_decoder_repo}
     copy = tmp_path / "hostile" / originals[kind].name
@@ -171,7 +174,7 @@ def test_cli_refuses_hostile_repository_in_one_line(case, tmp_path, tiny_prior_r
     repos = {**originals, kind: copy}
     start = time.perf_counter()
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", repos["prior"], "--decoder", repos["decoder"],
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     elapsed = time.perf_counter() - start
     assert_one_line_error(code, out, err, template.format(**names), out_dir)
     assert elapsed < SECONDS, f"{elapsed:.1f} s"
@@ -179,14 +182,14 @@ def test_cli_refuses_hostile_repository_in_one_line(case, tmp_path, tiny_prior_r
 
 @pytest.mark.parametrize("case", ["prior-depth-1e9", "prior-int64-weight"])
 def test_absurd_depth_and_integer_weights_in_a_real_process(case, tmp_path, tiny_prior_repo, tiny_decoder_repo,
-                                                            out_dir):  # fmt: skip
+                                                            out_dir):
     """The whole process, interpreter start included, ends with the one line and no traceback, without hanging."""
     _, damage, template = HOSTILE[case]
     copy = tmp_path / "hostile" / tiny_prior_repo.name
     shutil.copytree(tiny_prior_repo, copy)
     folder = damage(copy)
     result = run_module(["-m", "wurst", SHORT_PROMPT, *ONE_STEP, "--prior", copy, "--decoder", tiny_decoder_repo,
-                         "--output", out_dir / "x.png"])  # fmt: skip
+                         "--output", out_dir / "x.png"])
     culprit = template.format(config=folder / "config.json", weights=folder / WEIGHTS)
     assert_one_line_error(result.returncode, result.stdout, result.stderr, culprit, out_dir)
 
@@ -205,7 +208,7 @@ def test_cli_refuses_what_cannot_fit_in_memory(case, tiny_prior_repo, tiny_decod
     args, culprit = MEMORY[case]
     start = time.perf_counter()
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, *args, "--prior", tiny_prior_repo, "--decoder",
-                              tiny_decoder_repo, "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              tiny_decoder_repo, "--output", out_dir / "x.png"], capsys)
     line = assert_one_line_error(code, out, err, culprit, out_dir)
     assert time.perf_counter() - start < SECONDS
     assert "of RAM at its peak" in line and "GB is available; would fit: " in line and "(--force tries anyway)" in line
@@ -214,9 +217,9 @@ def test_cli_refuses_what_cannot_fit_in_memory(case, tiny_prior_repo, tiny_decod
 def test_cli_refuses_a_size_off_the_decoders_grid(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
     """Past about 12800 pixels the Stage B latent is no longer a multiple of 16, which its U-Net needs."""
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--width", "12800", "--prior", tiny_prior_repo, "--decoder",
-                              tiny_decoder_repo, "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              tiny_decoder_repo, "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, "128x12800 gives a Stage B latent of 32x3201, and the decoder needs sides "
-                                          "that are multiples of 16", out_dir)  # fmt: skip
+                                          "that are multiples of 16", out_dir)
 
 
 @pytest.mark.parametrize(
@@ -234,7 +237,7 @@ def test_cli_refuses_devices_that_are_not_here(device, culprit, out_dir, capsys,
         pytest.skip("the expected lists name this machine's devices: cpu only")
     start = time.perf_counter()
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--device", device, "--prior", "/no/such/prior",
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, culprit, out_dir)
     assert time.perf_counter() - start < SECONDS
 
@@ -253,7 +256,7 @@ def test_absurd_depth_is_refused_before_any_module_is_built(tmp_path, tiny_prior
 
     monkeypatch.setattr(wurst.StageC, "__init__", refuse)
     with pytest.raises(ConfigError, match=r"the field 'depth' is 1000000000, but .* holds 2 \(6 blocks: blocks.0 to "
-                                          r"blocks.5\)"):  # fmt: skip
+                                          r"blocks.5\)"):
         wurst.WuerstchenPriorPipeline.from_pretrained(copy, low_memory=True)
     with pytest.raises(ConfigError, match="the field 'depth' is 1000000000"):
         wurst.load_stage_c(copy / "prior")
@@ -270,13 +273,13 @@ def test_integer_weights_are_refused_when_a_model_is_loaded_directly(tmp_path, t
     state = read_weights([folder / "model.safetensors"])
     config = read_config(wurst.CLIPTextConfig, folder / "config.json")
     with pytest.raises(CheckpointError, match=f"tensor '{name}' holds int16"):
-        load_module(lambda: wurst.CLIPTextEncoder(config), state, clip.CHECKPOINT_KEYS, "here")
+        load_module(lambda: wurst.CLIPTextEncoder(config), state, CLIP_TEXT_KEYS, "here")
 
 
 def test_converted_layout_config_mismatch_names_its_entry(tmp_path, tiny_prior_repo, tiny_decoder_repo):
     out = tmp_path / "converted"
     assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
-                                 "--out", str(out)]) == 0  # fmt: skip
+                                 "--out", str(out)]) == 0
     index_path = out / "decoder" / "wurst.json"
     index = json.loads(index_path.read_text())
     index["models"]["stage_b"]["blocks"] = [1, 1, 10**9, 1]
@@ -284,4 +287,4 @@ def test_converted_layout_config_mismatch_names_its_entry(tmp_path, tiny_prior_r
     with pytest.raises(ConfigError) as info:
         wurst.WuerstchenDecoderPipeline.from_pretrained(out / "decoder")
     assert str(info.value).startswith(f"{index_path} (models.stage_b): the field 'blocks[2]' is 1000000000, but "
-                                      f"{out / 'decoder' / 'stage_b.safetensors'} holds 2")  # fmt: skip
+                                      f"{out / 'decoder' / 'stage_b.safetensors'} holds 2")

@@ -8,8 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wurst import CheckpointError, CLIPTextConfig, ConfigError, ModelNotFoundError, load_clip_text_encoder
-from wurst.clip import CHECKPOINT_KEYS, CLIPTextEncoder
-from wurst.loader import KeyMap, load_module, read_config, read_safetensors, read_weights, weight_files
+from wurst.models.clip import CLIPTextEncoder
+from wurst.weights.configs import read_config
+from wurst.weights.keymaps import CLIP_TEXT_KEYS, KeyMap
+from wurst.weights.load import load_module
+from wurst.weights.safetensors_io import read_safetensors, read_weights, weight_files
 
 
 @pytest.fixture
@@ -58,7 +61,7 @@ def test_no_tensor_is_copied_whatever_its_alignment(tmp_path):
 def test_loaded_parameters_are_the_mapped_file_not_copies(encoder_dir):
     state = read_weights([encoder_dir / "model.safetensors"])
     cfg = read_config(CLIPTextConfig, encoder_dir / "config.json")
-    model = load_module(lambda: CLIPTextEncoder(cfg), state, CHECKPOINT_KEYS, "test")
+    model = load_module(lambda: CLIPTextEncoder(cfg), state, CLIP_TEXT_KEYS, "test")
     weight = model.token_embedding.weight
     assert weight.data_ptr() == state["text_model.embeddings.token_embedding.weight"].data_ptr()
     before = (encoder_dir / "model.safetensors").read_bytes()
@@ -163,23 +166,24 @@ def assert_is_the_cast_source(model, folder):
     """Every parameter equals the float32 file's tensor cast to bfloat16, as load_module's in-memory cast gives."""
     source = load_file(folder / "model.safetensors")
     for name, param in model.state_dict().items():
-        expected = source[CHECKPOINT_KEYS.to_checkpoint(name)]
+        expected = source[CLIP_TEXT_KEYS.to_checkpoint(name)]
         assert param.dtype == torch.bfloat16 and torch.equal(param, expected.to(torch.bfloat16)), name
 
 
 def test_first_load_writes_the_copy_and_later_loads_map_it(encoder_dir, cast_cache, monkeypatch):
-    import wurst.loader
+    import wurst.weights.cast_copies
+    import wurst.weights.safetensors_io
 
     model = load_bf16(encoder_dir)
     copies = list(cast_cache.iterdir())
     assert [p.suffix for p in copies] == [".safetensors"]  # one copy, no temporary left
     assert_is_the_cast_source(model, encoder_dir)
-    assert all(d == torch.bfloat16 for d, _ in wurst.loader.read_header(copies[0]).values())
+    assert all(d == torch.bfloat16 for d, _ in wurst.weights.safetensors_io.read_header(copies[0]).values())
 
     def no_cast(*args, **kwargs):
         raise AssertionError("the copy was written again")
 
-    monkeypatch.setattr(wurst.loader, "_write_cast_copy", no_cast)
+    monkeypatch.setattr(wurst.weights.cast_copies, "_write_cast_copy", no_cast)
     assert_is_the_cast_source(load_bf16(encoder_dir), encoder_dir)
     # The weights come from the copy, not from a cast in memory: a value changed in the copy's data shows.
     with open(copies[0], "r+b") as f:
@@ -250,6 +254,6 @@ def test_a_failed_write_leaves_no_file(encoder_dir, cast_cache, monkeypatch):
 def test_no_copy_when_the_file_is_already_in_the_dtype(encoder_dir, cast_cache):
     load_clip_text_encoder(encoder_dir, dtype=torch.float32)
     rewrite(encoder_dir, lambda state: state.update({k: v.to(torch.bfloat16) for k, v in state.items()
-                                                     if v.is_floating_point()}))  # fmt: skip
+                                                     if v.is_floating_point()}))
     load_bf16(encoder_dir)
     assert not cast_cache.exists()

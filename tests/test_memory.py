@@ -14,9 +14,9 @@ import torch
 import wurst
 from tests.helpers import ONE_STEP, PROMPT, SHORT_PROMPT, assert_one_line_error, files_in, run_cli
 from tools import hub_fixtures
-from wurst import memory
 from wurst.errors import InsufficientMemoryError
-from wurst.offload import OnDemand
+from wurst.runtime import memory
+from wurst.runtime.offload import OnDemand
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def lean(tiny_prior_repo, tiny_decoder_repo):
 @pytest.fixture(scope="module")
 def resident(tiny_prior_repo, tiny_decoder_repo):
     return wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", dtype=torch.float32,
-                               low_memory=False)  # fmt: skip
+                               low_memory=False)
 
 
 def parts(pipe):
@@ -50,9 +50,9 @@ def test_cpu_default_is_low_memory_and_resident_is_a_choice(lean, resident, tiny
 
 
 def test_resident_stays_the_default_on_gpus(monkeypatch):
-    assert wurst.pipeline.default_low_memory(torch.device("cpu"))
-    assert not wurst.pipeline.default_low_memory(torch.device("cuda", 0))
-    assert not wurst.pipeline.default_low_memory(torch.device("mps"))
+    assert wurst.api.default_low_memory(torch.device("cpu"))
+    assert not wurst.api.default_low_memory(torch.device("cuda", 0))
+    assert not wurst.api.default_low_memory(torch.device("mps"))
 
 
 def test_diffusers_classes_keep_resident_models(tiny_decoder_repo, tiny_prior_repo):
@@ -62,10 +62,10 @@ def test_diffusers_classes_keep_resident_models(tiny_decoder_repo, tiny_prior_re
 
 def test_generate_on_cpu_loads_low_memory_unless_told(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
     seen = []
-    real = wurst.pipeline.load_pipeline
-    monkeypatch.setattr(wurst.pipeline, "load_pipeline", lambda **kw: seen.append(kw["low_memory"]) or real(**kw))
+    real = wurst.api.load_pipeline
+    monkeypatch.setattr(wurst.api, "load_pipeline", lambda **kw: seen.append(kw["low_memory"]) or real(**kw))
     kwargs = dict(prior=tiny_prior_repo, decoder=tiny_decoder_repo, prior_num_inference_steps=1, num_inference_steps=1,
-                  output_type="pt", device="cpu")  # fmt: skip
+                  output_type="pt", device="cpu")
     try:
         wurst.generate.cache_clear()
         wurst.generate(PROMPT, 128, 128, **kwargs)
@@ -77,12 +77,12 @@ def test_generate_on_cpu_loads_low_memory_unless_told(tiny_prior_repo, tiny_deco
 
 @pytest.mark.parametrize("choice,low_memory", [([], True), (["--low-memory"], True), (["--resident"], False)])
 def test_cli_memory_mode_options(choice, low_memory, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys,
-                                 monkeypatch):  # fmt: skip
+                                 monkeypatch):
     loaded = []
-    real = wurst.pipeline.load_pipeline
-    monkeypatch.setattr(wurst.pipeline, "load_pipeline", lambda **kw: loaded.append(real(**kw)) or loaded[-1])
+    real = wurst.api.load_pipeline
+    monkeypatch.setattr(wurst.api, "load_pipeline", lambda **kw: loaded.append(real(**kw)) or loaded[-1])
     code, _, err = run_cli([SHORT_PROMPT, *ONE_STEP, *choice, "--prior", tiny_prior_repo, "--decoder",
-                            tiny_decoder_repo, "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                            tiny_decoder_repo, "--output", out_dir / "x.png"], capsys)
     assert code == 0, err
     assert [isinstance(part, OnDemand) for part in parts(loaded[0])] == [low_memory] * 5
 
@@ -134,7 +134,7 @@ def test_refusal_says_what_it_needs_what_there_is_and_what_fits(resident, monkey
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"2048x1024 with 4 images needs about {need.total / 1e9:.1f} GB of RAM at its peak "
-                              f"({need.name}: ")  # fmt: skip
+                              f"({need.name}: ")
     assert f"and {need.total / 1e9 * 0.5:.1f} GB is available; would fit: " in message
     assert message.endswith("(force=True tries anyway)")
     # The suggestions fit, and one step larger would not.
@@ -145,7 +145,7 @@ def test_refusal_says_what_it_needs_what_there_is_and_what_fits(resident, monkey
     assert memory.estimate(resident, height=height, width=width, images_per_prompt=4).peak.total <= need.total * 0.5
     larger = memory._scaled(2048, 1024, steps - 1)
     assert memory.estimate(resident, height=larger[0], width=larger[1], images_per_prompt=4).peak.total \
-        > need.total * 0.5  # fmt: skip
+        > need.total * 0.5
     images = int(ways[1].removeprefix("num_images_per_prompt="))
     assert 1 <= images < 4
     assert memory.estimate(resident, **{**request, "images_per_prompt": images}).peak.total <= need.total * 0.5
@@ -165,7 +165,7 @@ def test_generate_refuses_before_any_model_runs_and_force_runs(tiny_prior_repo, 
     fake_ram(monkeypatch, 0.001)
     monkeypatch.setattr(wurst.StageC, "forward", lambda *a, **k: pytest.fail("Stage C ran"))
     kwargs = dict(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", prior_num_inference_steps=1,
-                  num_inference_steps=1, output_type="pt")  # fmt: skip
+                  num_inference_steps=1, output_type="pt")
     try:
         with pytest.raises(InsufficientMemoryError, match="GB is available; .*force=True tries anyway"):
             wurst.generate(PROMPT, 128, 128, **kwargs)
@@ -180,7 +180,7 @@ def test_generate_refuses_before_any_model_runs_and_force_runs(tiny_prior_repo, 
 def test_cli_force_runs_what_the_estimate_refuses(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys, monkeypatch):
     fake_ram(monkeypatch, 0.001)
     args = [SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo, "--output",
-            out_dir / "x.png"]  # fmt: skip
+            out_dir / "x.png"]
     code, out, err = run_cli(args, capsys)
     assert_one_line_error(code, out, err, "128x128 needs about", out_dir)
     code, out, err = run_cli([*args, "--force"], capsys)
@@ -192,7 +192,7 @@ def test_resident_weights_that_cannot_fit_on_the_gpu_are_refused_before_moving(r
     fake_ram(monkeypatch, 0.001)
     with pytest.raises(InsufficientMemoryError, match=r"the five models need .* GB of memory on cuda:0 to stay "
                                                       r"loaded and 0.0 GB is free; low_memory=True loads one at a "
-                                                      r"time \(force=True tries anyway\)"):  # fmt: skip
+                                                      r"time \(force=True tries anyway\)"):
         memory.check_weights_fit(resident, torch.device("cuda", 0))
 
 
@@ -201,7 +201,7 @@ def test_resident_weights_that_cannot_fit_on_the_gpu_are_refused_before_moving(r
 
 MEASURE = """
 import json, sys, torch, wurst
-from wurst import memory
+from wurst.runtime import memory
 prior, decoder, size, low_memory = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "low"
 torch.set_num_threads(2)
 def rss(key):
@@ -226,19 +226,19 @@ def test_published_estimate_within_25_percent_of_the_measured_peak(size, mode):
     is compared with the RSS before the run plus the estimate."""
     prior_dir, decoder_dir = hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
     out = subprocess.run([sys.executable, "-c", MEASURE, prior_dir, decoder_dir, str(size), mode],
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
     predicted = result["before"] + result["estimate"]
     print(f"published {size}x{size}, {mode}: measured peak RSS {result['peak'] / 1e9:.2f} GB, predicted "
           f"{predicted / 1e9:.2f} GB ({result['before'] / 1e9:.2f} GB before the run + {result['estimate'] / 1e9:.2f} "
-          f"GB estimated, peak in {result['stage']})")  # fmt: skip
+          f"GB estimated, peak in {result['stage']})")
     assert abs(predicted / result["peak"] - 1) <= 0.25
 
 
 MEASURE_STAGE_A = """
 import json, sys, torch, wurst
-from wurst import memory
+from wurst.runtime import memory
 decoder, size = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(2)
 def rss(key):
@@ -262,10 +262,10 @@ def test_published_stage_a_activation_estimate_within_25_percent(size):
     is what grows fastest with the size (1.6 GB at 1024x1024)."""
     decoder_dir = hub_fixtures.ensure("published", "decoder", ("vqgan",))
     out = subprocess.run([sys.executable, "-c", MEASURE_STAGE_A, decoder_dir, str(size)], capture_output=True,
-                         text=True)  # fmt: skip
+                         text=True)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
     used = result["peak"] - result["before"]
     print(f"published Stage A {size}x{size}: measured {used / 1e9:.2f} GB over the RSS before, estimated "
-          f"{result['estimate'] / 1e9:.2f} GB")  # fmt: skip
+          f"{result['estimate'] / 1e9:.2f} GB")
     assert abs(result["estimate"] / used - 1) <= 0.25

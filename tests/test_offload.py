@@ -9,16 +9,17 @@ import pytest
 import torch
 
 import wurst
-import wurst.loader
+import wurst.weights.cast_copies
+import wurst.weights.safetensors_io
 from tests.helpers import PROMPT
 
 METHODS = ["enable_model_cpu_offload", "enable_sequential_cpu_offload"]
 RUN = dict(height=128, width=128, prior_num_inference_steps=3, num_inference_steps=2, output_type="pt",
-           negative_prompt="blurry", decoder_guidance_scale=2.0)  # fmt: skip
+           negative_prompt="blurry", decoder_guidance_scale=2.0)
 MODELS = ("prior_text_encoder", "prior_prior", "text_encoder", "decoder", "vqgan")  # in the order they run
 # Where each combined-pipeline component lives: (pipe attribute, model attribute in that pipe).
 HOMES = {name: ("prior_pipe", name.removeprefix("prior_")) if name.startswith("prior_") else ("decoder_pipe", name)
-         for name in MODELS}  # fmt: skip
+         for name in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_offload_on_cpu_gives_the_same_images_without_reading_files_again(method
     def no_reading(path):
         raise AssertionError(f"{path} read again")
 
-    monkeypatch.setattr(wurst.loader, "read_safetensors", no_reading)
+    monkeypatch.setattr(wurst.weights.safetensors_io, "read_safetensors", no_reading)
     with pytest.raises(AssertionError, match="read again"):  # the patch is where loading looks
         load(repos)
     assert torch.equal(run(pipe), expected)
@@ -112,7 +113,7 @@ def test_sequential_offload_parks_weights_on_meta_and_keeps_cpu_masters(repos, e
 
     check_masters()
     modules = {f"{name}.{sub_name}".rstrip("."): sub for name in MODELS
-               for sub_name, sub in getattr(pipe, name).named_modules()}  # fmt: skip
+               for sub_name, sub in getattr(pipe, name).named_modules()}
     owners = {name: module for name, module in modules.items() if module._parameters or module._buffers}
     seen, problems = set(), []
 
@@ -154,7 +155,7 @@ def watch_placements(pipe):
 
 
 @pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])  # fmt: skip
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_model_offload_puts_one_model_at_a_time_on_the_device(device, repos):
     """While each model computes, it alone is on the execution device, whole; the rest wait in CPU RAM, and
     all are back there after each call. On a machine without an accelerator the meta device stands in for one:
@@ -206,7 +207,7 @@ def test_no_accelerator_and_no_device_is_one_line_naming_the_method(method, repo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     prior, decoder = repos
     pipes = [load(repos), wurst.WuerstchenPriorPipeline.from_pretrained(prior),
-             wurst.WuerstchenDecoderPipeline.from_pretrained(decoder)]  # fmt: skip
+             wurst.WuerstchenDecoderPipeline.from_pretrained(decoder)]
     for pipe in pipes:
         for kwargs in (dict(), dict(gpu_id=0)):
             with pytest.raises(ValueError, match=method) as info:

@@ -12,9 +12,12 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 from tests import original_modules as original
 from tests.helpers import RunsCode, parity_bound, relative_error
 from tools import hub_fixtures
-from tools.original_format import interpolate, original_config, published_config, read_original, to_hub_names
-from wurst import CheckpointError, ConfigError, ModelNotFoundError, stage_a, stage_b, stage_c
-from wurst.loader import config_from_dict, load_module
+from wurst import CheckpointError, ConfigError, ModelNotFoundError
+from wurst.models import stage_a, stage_b, stage_c
+from wurst.weights.configs import config_from_dict
+from wurst.weights.keymaps import STAGE_A_KEYS, STAGE_B_KEYS, STAGE_C_KEYS
+from wurst.weights.load import load_module
+from wurst.weights.original import interpolate, original_config, published_config, read_original, to_hub_names
 
 PRIOR = hub_fixtures.TINY["prior"]["prior"]
 DECODER = hub_fixtures.TINY["decoder"]["decoder"]
@@ -22,9 +25,9 @@ VQGAN = hub_fixtures.TINY["decoder"]["vqgan"]
 HEADS = {"prior": {"nhead": PRIOR["nhead"]}, "decoder": {"nhead": DECODER["nhead"]}, "vqgan": {}}
 STATE_KEY = {"prior": "ema_state_dict", "decoder": "state_dict", "vqgan": "state_dict"}
 WURST = {
-    "prior": (stage_c.StageCConfig, stage_c.StageC, stage_c.CHECKPOINT_KEYS),
-    "decoder": (stage_b.StageBConfig, stage_b.StageB, stage_b.CHECKPOINT_KEYS),
-    "vqgan": (stage_a.StageAConfig, stage_a.StageA, stage_a.CHECKPOINT_KEYS),
+    "prior": (stage_c.StageCConfig, stage_c.StageC, STAGE_C_KEYS),
+    "decoder": (stage_b.StageBConfig, stage_b.StageB, STAGE_B_KEYS),
+    "vqgan": (stage_a.StageAConfig, stage_a.StageA, STAGE_A_KEYS),
 }
 
 

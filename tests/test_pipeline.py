@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import wurst
+import wurst.api
+import wurst.runtime.devices
 from tests.helpers import (
     DEVICE,
     INF,
@@ -29,7 +31,7 @@ from tests.helpers import (
 )
 from tools import hub_fixtures, reference
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, NumericalError, Pipeline, WurstError
-from wurst.offload import OnDemand
+from wurst.runtime.offload import OnDemand
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_tiny_bfloat16_parity(tiny_pair, tiny_prior_repo, tiny_decoder_repo):
     image as the other: measured on CPU (3 seeds, two settings) the mean errors agree within 0.2% (0.0335 vs
     0.0335, 0.0628 vs 0.0627); wurst and diffusers bfloat16 differ by at most 0.035, mean 0.0026 at most."""
     ours = wurst.WuerstchenCombinedPipeline.from_pretrained(tiny_decoder_repo, prior_repo=tiny_prior_repo,
-                                                            torch_dtype=torch.bfloat16).to(DEVICE)  # fmt: skip
+                                                            torch_dtype=torch.bfloat16).to(DEVICE)
     ours.set_progress_bar_config(disable=True)
     ref = reference.combined_pipeline(tiny_prior_repo, tiny_decoder_repo, torch.bfloat16).to(DEVICE)
     kwargs = dict(height=256, width=384, negative_prompt="ugly", decoder_guidance_scale=2.0)
@@ -95,11 +97,11 @@ def test_tiny_prompt_list_equals_separate_runs(tiny_pair):
     kwargs = dict(height=256, width=256, prior_num_inference_steps=8, decoder_guidance_scale=2.0)
     seeds = [3, 4, 5, 6]
     got = ours([PROMPT, OTHER], negative_prompt=["ugly", "dark"], num_images_per_prompt=2, output_type="pt",
-               generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs).images.cpu()  # fmt: skip
+               generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs).images.cpu()
     assert got.shape == (4, 3, 256, 256)
     for k, (prompt, negative) in enumerate([(PROMPT, "ugly"), (PROMPT, "ugly"), (OTHER, "dark"), (OTHER, "dark")]):
         expected = ref(prompt, negative_prompt=negative, generator=torch.Generator().manual_seed(seeds[k]),
-                       output_type="pt", **kwargs).images.cpu()  # fmt: skip
+                       output_type="pt", **kwargs).images.cpu()
         assert (got[k] - expected[0]).abs().max() <= 1e-3, k
 
 
@@ -107,7 +109,7 @@ def test_tiny_output_types(tiny_pair):
     ours, _ = tiny_pair
     kwargs = dict(height=128, width=256, prior_num_inference_steps=3, num_inference_steps=3)
     runs = {t: ours(PROMPT, generator=torch.Generator().manual_seed(1), output_type=t, **kwargs).images
-            for t in ("pil", "np", "pt")}  # fmt: skip
+            for t in ("pil", "np", "pt")}
     assert runs["pt"].shape == (1, 3, 128, 256) and runs["pt"].dtype == torch.float32
     assert runs["np"].shape == (1, 128, 256, 3) and runs["np"].dtype == np.float32
     assert np.array_equal(runs["np"][0], runs["pt"][0].permute(1, 2, 0).cpu().numpy())
@@ -135,7 +137,7 @@ def test_wurst_0_1_names_still_work(tiny_pair, tiny_prior_repo, tiny_decoder_rep
     ours(PROMPT, height=256, width=128, prior_num_inference_steps=3, num_inference_steps=2, callback_on_step_end=watch)
     assert seen == [("prior", 0, 1.0, (1, 16, 6, 3)), ("prior", 1, 0.6667, (1, 16, 6, 3)),
                     ("prior", 2, 0.3333, (1, 16, 6, 3)), ("decoder", 0, 1.0, (1, 4, 64, 32)),
-                    ("decoder", 1, 0.5, (1, 4, 64, 32))]  # fmt: skip
+                    ("decoder", 1, 0.5, (1, 4, 64, 32))]
 
     def stop_in_decoder(stage, step, timestep, latents):
         return stage != "decoder"
@@ -146,16 +148,16 @@ def test_wurst_0_1_names_still_work(tiny_pair, tiny_prior_repo, tiny_decoder_rep
 
 def test_generate_caches_the_pipeline_until_cleared(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
     loads = []
-    real = wurst.pipeline.load_pipeline
+    real = wurst.api.load_pipeline
 
     def counting(**kwargs):
         loads.append(kwargs)
         return real(**kwargs)
 
-    monkeypatch.setattr(wurst.pipeline, "load_pipeline", counting)
+    monkeypatch.setattr(wurst.api, "load_pipeline", counting)
     wurst.generate.cache_clear()
     kwargs = dict(prior=tiny_prior_repo, decoder=tiny_decoder_repo, prior_num_inference_steps=2,
-                  num_inference_steps=2, output_type="pt")  # fmt: skip
+                  num_inference_steps=2, output_type="pt")
     first = wurst.generate(PROMPT, 128, 128, generator=torch.Generator().manual_seed(0), **kwargs)
     second = wurst.generate(PROMPT, 128, 128, generator=torch.Generator().manual_seed(0), **kwargs)
     assert len(loads) == 1
@@ -229,7 +231,7 @@ def nan_weight_copy(repo: Path, folder: Path, component: str, name: str) -> Path
 def test_cli_nan_weight_stops_without_writing(tmp_path, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
     prior = nan_weight_copy(tiny_prior_repo, tmp_path, "prior", "projection.weight")
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", prior, "--decoder", tiny_decoder_repo,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     line = assert_one_line_error(code, out, err, "the Stage C latents hold NaN or inf", out_dir, progress_ok=True)
     assert "use bfloat16 or float32" in line
 
@@ -244,7 +246,7 @@ def test_api_nan_image_from_the_vqgan_is_refused(tmp_path, tiny_prior_repo, tiny
 def test_cli_nan_image_from_the_vqgan_is_not_saved(tmp_path, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
     decoder = nan_weight_copy(tiny_decoder_repo, tmp_path, "vqgan", "out_block.0.bias")
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", decoder,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, "NaN", out_dir, progress_ok=True)
 
 
@@ -252,11 +254,11 @@ def test_cli_nan_image_from_the_vqgan_is_not_saved(tmp_path, tiny_prior_repo, ti
 # Low-memory mode and torch.compile
 
 SMALL_RUN = dict(height=256, width=128, prior_num_inference_steps=3, num_inference_steps=2, output_type="pt",
-                 negative_prompt="blurry", decoder_guidance_scale=2.0)  # fmt: skip
+                 negative_prompt="blurry", decoder_guidance_scale=2.0)
 
 
 def test_low_memory_mode_gives_the_same_images_and_keeps_no_model(tiny_pair, tiny_prior_repo, tiny_decoder_repo,
-                                                                  monkeypatch):  # fmt: skip
+                                                                  monkeypatch):
     ours, _ = tiny_pair
     low = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, low_memory=True)
     parts = [low.prior.model, low.prior.text_encoder, low.decoder.model, low.decoder.vqgan, low.decoder.text_encoder]
@@ -272,7 +274,8 @@ def test_low_memory_mode_gives_the_same_images_and_keeps_no_model(tiny_pair, tin
 
 
 def test_denoisers_compile_as_whole_graphs(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
-    monkeypatch.setattr(wurst.blocks, "_ONEDNN_DTYPES", frozenset())  # compiled graphs use F.linear; so does eager here
+    # Compiled graphs use F.linear; so does eager here.
+    monkeypatch.setattr(wurst.models.blocks, "_ONEDNN_DTYPES", frozenset())
     pipe = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo)
     expected = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
     torch._dynamo.reset()
@@ -298,7 +301,7 @@ def test_published_seed_parity():
     ours.set_progress_bar_config(disable=True)
     ref = reference.combined_pipeline(prior_dir, decoder_dir).to(DEVICE)
     got, expected = run_both(ours, ref, PROMPT, height=256, width=256, prior_num_inference_steps=2,
-                             num_inference_steps=2, negative_prompt="blurry")  # fmt: skip
+                             num_inference_steps=2, negative_prompt="blurry")
     error = (got - expected).abs().max().item()
     print(f"published pipeline 256x256, 2 + 2 steps, {DEVICE}: max abs error {error:.1e}")
     assert error <= 2e-3
@@ -318,7 +321,7 @@ def test_published_bfloat16_parity():
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
         ours = wurst.WuerstchenCombinedPipeline.from_pretrained(decoder_dir, prior_repo=prior_dir,
-                                                                torch_dtype=dtype).to(DEVICE)  # fmt: skip
+                                                                torch_dtype=dtype).to(DEVICE)
         ours.set_progress_bar_config(disable=True)
         ref = reference.combined_pipeline(prior_dir, decoder_dir, dtype).to(DEVICE)
         results[dtype] = [image.float() for image in run_both(ours, ref, PROMPT, seed=0, **kwargs)]
@@ -328,7 +331,7 @@ def test_published_bfloat16_parity():
     between = (ours - theirs).abs()
     print(f"published 512x512 bfloat16: wurst-diffusers mean {between.mean():.4f} max {between.max():.4f}; from "
           f"diffusers float32: wurst {ours_drift:.4f}, diffusers {theirs_drift:.4f}; wurst bfloat16 from wurst "
-          f"float32: mean {(ours - ours32).abs().mean():.4f}")  # fmt: skip
+          f"float32: mean {(ours - ours32).abs().mean():.4f}")
     assert_images_informative(theirs)
     assert ours_drift <= 1.1 * theirs_drift
     assert between.mean() <= 0.1 * theirs_drift and between.max() <= 0.05
@@ -369,30 +372,30 @@ def test_native_bfloat16_detection_agrees_with_the_kernel_cpu_flags():
     """PyTorch's cpuinfo probe against the flags the Linux kernel reports, an independent reading of CPUID."""
     flags = cpuinfo_flags()
     native = bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
-    assert wurst.pipeline.cpu_has_native_bfloat16() == native
+    assert wurst.runtime.devices.cpu_has_native_bfloat16() == native
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_default_dtype_on_the_cpu_follows_native_bfloat16(native, monkeypatch):
-    monkeypatch.setattr(wurst.pipeline, "cpu_has_native_bfloat16", lambda: native)
-    assert wurst.pipeline.default_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
-    assert wurst.pipeline.default_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(wurst.runtime.devices, "cpu_has_native_bfloat16", lambda: native)
+    assert wurst.runtime.devices.default_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert wurst.runtime.devices.default_dtype(torch.device("cuda")) == torch.bfloat16
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_generate_and_load_pipeline_use_the_default_dtype(native, monkeypatch, tiny_prior_repo, tiny_decoder_repo,
-                                                          tmp_path):  # fmt: skip
+                                                          tmp_path):
     monkeypatch.setenv("WURST_CACHE", str(tmp_path))
-    monkeypatch.setattr(wurst.pipeline, "cpu_has_native_bfloat16", lambda: native)
+    monkeypatch.setattr(wurst.runtime.devices, "cpu_has_native_bfloat16", lambda: native)
     expected = torch.bfloat16 if native else torch.float32
     wurst.generate.cache_clear()
     try:
         images = wurst.generate(SHORT_PROMPT, 128, 128, prior=tiny_prior_repo, decoder=tiny_decoder_repo,
-                                prior_num_inference_steps=1, num_inference_steps=1, output_type="pt")  # fmt: skip
+                                prior_num_inference_steps=1, num_inference_steps=1, output_type="pt")
         # generate's pipeline, from its cache (the same arguments give the cached one)
-        cached = wurst.pipeline._cached_pipeline(str(tiny_prior_repo), str(tiny_decoder_repo), torch.device("cpu"),
-                                                 None, True, False)  # fmt: skip
-        assert wurst.pipeline._cached_pipeline.cache_info().hits == 1
+        cached = wurst.api._cached_pipeline(str(tiny_prior_repo), str(tiny_decoder_repo), torch.device("cpu"),
+                                                 None, True, False)
+        assert wurst.api._cached_pipeline.cache_info().hits == 1
         assert cached.dtype == expected and images.dtype == expected and images.shape == (1, 3, 128, 128)
     finally:
         wurst.generate.cache_clear()
@@ -403,7 +406,7 @@ def test_generate_and_load_pipeline_use_the_default_dtype(native, monkeypatch, t
 
 def test_documented_classes_keep_diffusers_default(monkeypatch, tiny_prior_repo, tiny_decoder_repo):
     """torch_dtype decides, as in diffusers: float32 when it is not given, on any CPU."""
-    monkeypatch.setattr(wurst.pipeline, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(wurst.runtime.devices, "cpu_has_native_bfloat16", lambda: True)
     pipe = wurst.WuerstchenCombinedPipeline.from_pretrained(tiny_decoder_repo, prior_repo=tiny_prior_repo)
     assert pipe.dtype == torch.float32
     assert Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu").prior.model.head.weight.dtype \

@@ -37,7 +37,6 @@ def pair(tiny_prior_repo, tiny_decoder_repo):
 # Signatures
 
 # The defaults diffusers' documentation page (/work/shared/reference/diffusers-wuerstchen-docs.md) gives.
-# fmt: off
 DOCUMENTED = {
     "WuerstchenPriorPipeline": dict(height=1024, width=1024, num_inference_steps=60, timesteps=None, guidance_scale=8.0,
                                     num_images_per_prompt=1, output_type="pt", return_dict=True),
@@ -50,16 +49,15 @@ DOCUMENTED = {
         callback_on_step_end_tensor_inputs=["latents"],
     ),
 }
-# fmt: on
 
 
 def parameters(function) -> dict[str, inspect.Parameter]:
     return {name: p for name, p in inspect.signature(function).parameters.items()
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}  # fmt: skip
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 @pytest.mark.parametrize("method", ["__init__", "__call__", "enable_model_cpu_offload",
-                                    "enable_sequential_cpu_offload"])  # fmt: skip
+                                    "enable_sequential_cpu_offload"])
 @pytest.mark.parametrize("name", CLASSES)
 def test_signature_matches_diffusers(name, method):
     """Every argument of diffusers' method, in diffusers' order (so positional calls mean the same), with
@@ -105,7 +103,7 @@ def clip_states(ref, prompts):
     """transformers' CLIP last_hidden_state of `prompts` from the prior's text encoder, as diffusers computes it."""
     tokenizer, encoder = ref.prior_tokenizer, ref.prior_text_encoder
     tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")  # fmt: skip
+                       return_tensors="pt")
     with torch.no_grad():
         return encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
 
@@ -188,10 +186,10 @@ def test_each_callback_sees_its_own_stage(pair):
     results = {}
     kwargs = {**SMALL, "negative_prompt": "blurry", "decoder_guidance_scale": 2.0,
               "prior_callback_on_step_end_tensor_inputs": list(ref.prior_pipe._callback_tensor_inputs),
-              "callback_on_step_end_tensor_inputs": list(ref.decoder_pipe._callback_tensor_inputs)}  # fmt: skip
+              "callback_on_step_end_tensor_inputs": list(ref.decoder_pipe._callback_tensor_inputs)}
     for key, pipe in (("ours", ours), ("ref", ref)):
         results[key] = pipe(PROMPT, generator=seeded(), prior_callback_on_step_end=recorder(records, f"{key} prior"),
-                            callback_on_step_end=recorder(records, f"{key} decoder"), **kwargs).images  # fmt: skip
+                            callback_on_step_end=recorder(records, f"{key} decoder"), **kwargs).images
     for key, pipe in (("ours", ours), ("ref", ref)):
         assert [r[0] for r in records[f"{key} prior"]] == [pipe.prior_pipe] * 4
         assert [r[0] for r in records[f"{key} decoder"]] == [pipe.decoder_pipe] * 3
@@ -262,7 +260,7 @@ def test_to_moves_both_pipes(tiny_prior_repo, tiny_decoder_repo):
     assert pipe.to(torch.float64) is pipe
     assert pipe.dtype == pipe.prior_pipe.dtype == pipe.decoder_pipe.dtype == torch.float64
     assert {p.dtype for name in ("prior_prior", "prior_text_encoder", "decoder", "text_encoder", "vqgan")
-            for p in getattr(pipe, name).parameters()} == {torch.float64}  # fmt: skip
+            for p in getattr(pipe, name).parameters()} == {torch.float64}
     assert pipe.to("cpu") is pipe and pipe.device == torch.device("cpu")
 
 

@@ -109,10 +109,10 @@ def test_output_types(pair):
     pt is np's tensor, pil np's rounding)."""
     ours, ref = pair
     runs = {t: ours(embeddings(), PROMPT, generator=seeded(), num_inference_steps=3, output_type=t).images
-            for t in ("pil", "np", "pt", "latent")}  # fmt: skip
+            for t in ("pil", "np", "pt", "latent")}
     pil, array, pt, latent = runs["pil"], runs["np"], runs["pt"], runs["latent"]
     array_ref, latent_ref = (ref(embeddings(), PROMPT, generator=seeded(), num_inference_steps=3,
-                                 output_type=t).images for t in ("np", "latent"))  # fmt: skip
+                                 output_type=t).images for t in ("np", "latent"))
     assert latent.shape == (1, 4, 32, 32)
     assert_close_images(latent, latent_ref, IMAGE_TOLERANCE)
     assert isinstance(array, np.ndarray) and array.dtype == np.float32
@@ -178,11 +178,11 @@ def test_callback_edits_text_states(pair):
         return kwargs
 
     kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt",
-                  callback_on_step_end_tensor_inputs=["text_encoder_hidden_states"])  # fmt: skip
+                  callback_on_step_end_tensor_inputs=["text_encoder_hidden_states"])
     got, expected = run_both(pair, embeddings(), PROMPT, callback_on_step_end=swap, **kwargs)
     assert_close_images(got.images, expected.images, IMAGE_TOLERANCE)
     unedited = pair[0](embeddings(), PROMPT, generator=seeded(), num_inference_steps=3, guidance_scale=2.0,
-                       output_type="pt").images  # fmt: skip
+                       output_type="pt").images
     assert (got.images - unedited).abs().max() > 0.01
 
 
@@ -197,7 +197,7 @@ def test_callback_edits_image_embeddings(pair):
     kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt")
     plain = ours(embeddings(), PROMPT, generator=seeded(), **kwargs).images
     edited = ours(embeddings(), PROMPT, generator=seeded(), callback_on_step_end=scale,
-                  callback_on_step_end_tensor_inputs=["image_embeddings"], **kwargs).images  # fmt: skip
+                  callback_on_step_end_tensor_inputs=["image_embeddings"], **kwargs).images
     assert (plain - edited).abs().max() > 0.01
 
 
@@ -220,7 +220,7 @@ def test_callback_sees_what_diffusers_shows(guidance, pair):
     records = {}
 
     kwargs = dict(num_inference_steps=3, guidance_scale=guidance, output_type="latent",
-                  callback_on_step_end_tensor_inputs=names)  # fmt: skip
+                  callback_on_step_end_tensor_inputs=names)
     ours(embeddings(2), PROMPT, generator=seeded(), callback_on_step_end=shape_recorder(records, "ours"), **kwargs)
     ref(embeddings(2), PROMPT, generator=seeded(), callback_on_step_end=shape_recorder(records, "ref"), **kwargs)
     assert [r[0] for r in records["ours"]] == [ours] * 3 and [r[0] for r in records["ref"]] == [ref] * 3
@@ -234,7 +234,7 @@ def test_callback_sees_what_diffusers_shows(guidance, pair):
 def test_unknown_callback_tensor_name_lists_the_allowed_ones(pair):
     ours, ref = pair
     kwargs = dict(num_inference_steps=1, callback_on_step_end=lambda *a: {},
-                  callback_on_step_end_tensor_inputs=["latents", "effnet"])  # fmt: skip
+                  callback_on_step_end_tensor_inputs=["latents", "effnet"])
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs") as info:
         ours(embeddings(), PROMPT, **kwargs)
     message = str(info.value)
@@ -275,7 +275,7 @@ def test_prompt_list_conditions_its_own_rows(pair):
     rows, seeds = embeddings(2), [3, 4]
     kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt")
     got = ours(rows, [PROMPT, OTHER], negative_prompt=["ugly", "dark"], generator=[seeded(s) for s in seeds],
-               **kwargs).images  # fmt: skip
+               **kwargs).images
     assert got.shape == (2, 3, 128, 128)
     for k, (prompt, negative) in enumerate([(PROMPT, "ugly"), (OTHER, "dark")]):
         expected = ref(rows[k : k + 1], prompt, negative_prompt=negative, generator=seeded(seeds[k]), **kwargs).images

@@ -21,9 +21,11 @@ from safetensors.torch import load_file
 from tests.helpers import ROOT, assert_one_line_error, files_in, run_cli, seeded
 from tests.image_fixtures import TINY_ENCODER, photo, save_stage_b_release, tiny_encoder
 from tools import convert_weights, hub_fixtures
-from wurst import ModelNotFoundError, WuerstchenCombinedPipeline, effnet
+from wurst import ModelNotFoundError, WuerstchenCombinedPipeline
 from wurst.errors import ArgumentError, ConfigError
-from wurst.pipeline_img2img import AutoPipelineForImage2Image, WuerstchenImg2ImgPipeline
+from wurst.models import effnet
+from wurst.pipelines.img2img import AutoPipelineForImage2Image, WuerstchenImg2ImgPipeline
+from wurst.weights import image_encoder
 
 PROMPT = "a red fox in the snow"
 SMALL = dict(height=128, width=128, prior_num_inference_steps=4, num_inference_steps=2, output_type="pt")
@@ -33,7 +35,7 @@ LATENT = dict(SMALL, output_type="latent")  # Stage B's latents: compared before
 @pytest.fixture(scope="module")
 def pipe(tiny_prior_repo, tiny_decoder_repo):
     pipe = WuerstchenImg2ImgPipeline.from_pretrained(tiny_decoder_repo, prior_repo=tiny_prior_repo,
-                                                     image_encoder=tiny_encoder())  # fmt: skip
+                                                     image_encoder=tiny_encoder())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -77,7 +79,7 @@ def test_the_noised_start_is_the_forward_process_at_t_strength(pipe, strength):
     image = photo(96, 128)
     with FirstCalls(pipe.prior_prior) as calls:
         pipe.image_embeddings(PROMPT, image=image, strength=strength, prior_guidance_scale=0.0, generator=seeded(3),
-                              height=128, width=128, prior_num_inference_steps=4)  # fmt: skip
+                              height=128, width=128, prior_num_inference_steps=4)
     x0 = encoded_latents(pipe, image).double()
     noise = torch.randn(x0.shape, generator=seeded(3), dtype=torch.float32).double()
     abar = cosine_alpha_bar(strength)
@@ -94,7 +96,7 @@ def test_strength_zero_returns_the_encoded_latent_itself(pipe):
     generator = seeded(5)
     before = generator.get_state()
     embeddings = pipe.image_embeddings(PROMPT, image=[image, image[::-1]], strength=0.0, num_images_per_prompt=2,
-                                       generator=generator, height=128, width=128)  # fmt: skip
+                                       generator=generator, height=128, width=128)
     encoded = pipe.encode_image([image, image[::-1]], 128, 128)
     assert embeddings.shape == (4, 16, 3, 3)
     assert torch.equal(embeddings, encoded.repeat_interleave(2, dim=0))
@@ -106,7 +108,7 @@ def test_strength_zero_returns_the_encoded_latent_itself(pipe):
         return {}
 
     pipe(image=image, strength=0.0, callback_on_step_end=record, generator=seeded(5),
-         callback_on_step_end_tensor_inputs=["image_embeddings"], **SMALL)  # fmt: skip
+         callback_on_step_end_tensor_inputs=["image_embeddings"], **SMALL)
     assert torch.equal(seen["image_embeddings"], pipe.encode_image(image, 128, 128))
 
 
@@ -123,7 +125,7 @@ def test_strength_one_is_text_to_image_from_a_start_that_keeps_one_percent_of_th
     assert torch.allclose(ours, same_start, atol=1e-6, rtol=0)
     prior = dict(height=128, width=128, num_inference_steps=4, guidance_scale=4.0)  # the img2img call's defaults
     embeddings = pipe.image_embeddings(PROMPT, image=image, strength=1.0, generator=seeded(11), height=128, width=128,
-                                       prior_num_inference_steps=4)  # fmt: skip
+                                       prior_num_inference_steps=4)
     plain = text_to_image.prior_pipe(PROMPT, generator=seeded(11), **prior).image_embeddings
     other_seed = text_to_image.prior_pipe(PROMPT, generator=seeded(12), **prior).image_embeddings
     residue, seeds_apart = (embeddings - plain).norm().item(), (other_seed - plain).norm().item()
@@ -148,7 +150,7 @@ def test_img2img_reproduces_and_lines_up_in_batches(pipe):
     generators = [seeded(20 + i) for i in range(4)]
     batch = pipe([PROMPT, "a lighthouse"], image=[a, b], strength=0.6, generator=generators, **run).images
     again = pipe([PROMPT, "a lighthouse"], image=[a, b], strength=0.6, generator=[seeded(20 + i) for i in range(4)],
-                 **run).images  # fmt: skip
+                 **run).images
     assert batch.shape == (4, 3, 128, 128) and torch.equal(batch, again)
     # Row 2k + j is image k's j-th result: the same as image k alone with that row's generator.
     alone = pipe("a lighthouse", image=b, strength=0.6, generator=seeded(23), **SMALL).images
@@ -158,17 +160,17 @@ def test_img2img_reproduces_and_lines_up_in_batches(pipe):
 
 def test_size_defaults_follow_the_first_image(pipe):
     images = pipe(image=photo(300, 700), strength=0.0, num_inference_steps=1, output_type="pt",
-                  generator=seeded(0)).images  # fmt: skip
+                  generator=seeded(0)).images
     assert images.shape[-2:] == (256, 640)  # 300x700 to the nearest multiples of 128: 2.34 and 5.47 -> 2 and 5
     out = pipe(image=Image.fromarray(photo(64, 64)), strength=0.0, num_inference_steps=1, output_type="np",
-               generator=seeded(0)).images  # fmt: skip
+               generator=seeded(0)).images
     assert out.shape == (1, 128, 128, 3)
 
 
 def test_auto_pipeline_and_pipe_components(pipe, tiny_prior_repo, tiny_decoder_repo):
     encoder = tiny_encoder()
     auto = AutoPipelineForImage2Image.from_pretrained(tiny_decoder_repo, prior_repo=tiny_prior_repo,
-                                                      image_encoder=encoder)  # fmt: skip
+                                                      image_encoder=encoder)
     assert isinstance(auto, WuerstchenImg2ImgPipeline) and auto.image_encoder is encoder
     assert set(pipe.components) >= {"image_encoder", "prior_prior", "decoder", "vqgan"}
     auto.to(torch.bfloat16)
@@ -221,7 +223,7 @@ def no_encoder_anywhere(tmp_path, monkeypatch):
 
 
 def test_missing_encoder_weights_are_named_before_the_models_load(no_encoder_anywhere, tiny_prior_repo,
-                                                                   tiny_decoder_repo, monkeypatch):  # fmt: skip
+                                                                   tiny_decoder_repo, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the models were loaded before the encoder was found")
 
@@ -237,42 +239,42 @@ def test_missing_encoder_weights_are_named_before_the_models_load(no_encoder_any
 
 @pytest.fixture(scope="module")
 def encoder_folder(tmp_path_factory):
-    return effnet.save_converted(tiny_encoder(), tmp_path_factory.mktemp("encoder"))
+    return image_encoder.save_converted(tiny_encoder(), tmp_path_factory.mktemp("encoder"))
 
 
 def cli_args(tiny_prior_repo, tiny_decoder_repo, encoder_folder, *extra):
     return ["--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo, "--image-encoder", encoder_folder,
-            "--height", "128", "--width", "128", "--prior-steps", "4", "--decoder-steps", "2", *extra]  # fmt: skip
+            "--height", "128", "--width", "128", "--prior-steps", "4", "--decoder-steps", "2", *extra]
 
 
 def test_cli_image_to_image_matches_the_api(pipe, tiny_prior_repo, tiny_decoder_repo, encoder_folder, tmp_path,
-                                            capsys):  # fmt: skip
+                                            capsys):
     source = tmp_path / "fox.png"
     Image.fromarray(photo(96, 128)).save(source)
     out = tmp_path / "out"
     code, stdout, err = run_cli([PROMPT, "--image", source, "--strength", "0.6", "--seed", "9", "--output",
                                  out / "fox.png", *cli_args(tiny_prior_repo, tiny_decoder_repo, encoder_folder),
-                                 "--dtype", "float32"], capsys)  # the fixture pipeline's dtype  # fmt: skip
+                                 "--dtype", "float32"], capsys)  # the fixture pipeline's dtype
     assert code == 0, err
     written = Image.open(out / "fox.png")
     # The API with the encoder read from the same folder (a copy in other memory can round differently).
-    encoder = effnet.load_converted(encoder_folder)
+    encoder = image_encoder.load_converted(encoder_folder)
     pipe = WuerstchenImg2ImgPipeline.from_pipes(pipe.prior_pipe, pipe.decoder_pipe, encoder)
     api = pipe(PROMPT, image=str(source), strength=0.6, generator=torch.Generator("cpu").manual_seed(9), height=128,
                width=128, prior_num_inference_steps=4, num_inference_steps=2, output_type="pil",
-               prior_guidance_scale=4.0).images[0]  # fmt: skip
+               prior_guidance_scale=4.0).images[0]
     assert np.array_equal(np.asarray(written), np.asarray(api))
     settings = json.loads(written.text["wurst"])
     assert settings["strength"] == 0.6 and settings["image"] == str(source) and settings["prompt"] == PROMPT
 
 
 def test_cli_variations_need_no_prompt(tiny_prior_repo, tiny_decoder_repo, encoder_folder, tmp_path, capsys,
-                                       monkeypatch):  # fmt: skip
+                                       monkeypatch):
     source = tmp_path / "fox.png"
     Image.fromarray(photo(96, 128)).save(source)
     monkeypatch.chdir(tmp_path)
     code, stdout, err = run_cli(["--image", source, "--strength", "0", "--seed", "4", "--num-images", "2",
-                                 *cli_args(tiny_prior_repo, tiny_decoder_repo, encoder_folder)], capsys)  # fmt: skip
+                                 *cli_args(tiny_prior_repo, tiny_decoder_repo, encoder_folder)], capsys)
     assert code == 0, err
     assert stdout.split() == ["fox-4-1.png", "fox-4-2.png"]
     first, second = (np.asarray(Image.open(tmp_path / name)) for name in stdout.split())
@@ -301,7 +303,7 @@ def test_cli_refuses_an_unreadable_image_and_options_without_image(tmp_path, cap
     for args, culprit in (([PROMPT, "--image", garbage], f"image {garbage} is not an image Pillow can read"),
                           ([PROMPT, "--strength", "0.5"], "--strength needs --image"),
                           ([PROMPT, "--image-encoder", "x.pt"], "--image-encoder needs --image"),
-                          (["--strength", "0.5"], "the following arguments are required: prompt")):  # fmt: skip
+                          (["--strength", "0.5"], "the following arguments are required: prompt")):
         code, stdout, err = run_cli([*args, "--output", out / "x.png"], capsys)
         assert_one_line_error(code, stdout, err, culprit, out)
 
@@ -311,7 +313,7 @@ def test_cli_missing_encoder_is_one_line(no_encoder_anywhere, tiny_prior_repo, t
     Image.fromarray(photo(8, 8)).save(source)
     out = tmp_path / "out"
     code, stdout, err = run_cli([PROMPT, "--image", source, "--prior", tiny_prior_repo, "--decoder",
-                                 tiny_decoder_repo, "--output", out / "x.png"], capsys)  # fmt: skip
+                                 tiny_decoder_repo, "--output", out / "x.png"], capsys)
     line = assert_one_line_error(code, stdout, err, "model_v2_stage_b.pt", out)
     assert "hf download dome272/wuerstchen model_v2_stage_b.pt" in line
     assert files_in(tmp_path / "wurst") == []
@@ -322,11 +324,11 @@ def test_cli_missing_encoder_is_one_line(no_encoder_anywhere, tiny_prior_repo, t
 
 
 def test_converter_writes_the_encoder_with_the_prior(pipe, tiny_prior_repo, tiny_decoder_repo, tmp_path,
-                                                     no_encoder_anywhere):  # fmt: skip
+                                                     no_encoder_anywhere):
     release = save_stage_b_release(tiny_encoder(), tmp_path / "model_v2_stage_b.pt")
     out = tmp_path / "converted"
     assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), "--out",
-                                 str(out), "--image-encoder", str(release)]) == 0  # fmt: skip
+                                 str(out), "--image-encoder", str(release)]) == 0
     assert set(load_file(out / "prior" / "stage_c_encoder.safetensors")) == set(tiny_encoder().state_dict())
     # The converted prior's encoder is found without image_encoder= (and without the hub: offline, no caches).
     converted = WuerstchenImg2ImgPipeline.from_pretrained(out / "decoder", prior_repo=out / "prior")
@@ -337,8 +339,8 @@ def test_converter_writes_the_encoder_with_the_prior(pipe, tiny_prior_repo, tiny
     # A converted prior carries its encoder into the next conversion.
     again = tmp_path / "again"
     assert convert_weights.main(["--prior", str(out / "prior"), "--decoder", str(out / "decoder"), "--out",
-                                 str(again)]) == 0  # fmt: skip
-    assert effnet.has_converted(again / "prior")
+                                 str(again)]) == 0
+    assert image_encoder.has_converted(again / "prior")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,7 +385,7 @@ def test_readme_python_example_runs(real_ids_offline):
     assert namespace["edited"].size == (256, 128)  # fox.jpg's 240x160 on the 128 grid
     assert len(namespace["variations"]) == 4 and namespace["reconstruction"].size == (256, 128)
     assert (real_ids_offline / "fox-oil.png").is_file()
-    assert effnet.has_converted(real_ids_offline.parent / "wurst" / "image_encoder" / "dome272--wuerstchen")
+    assert image_encoder.has_converted(real_ids_offline.parent / "wurst" / "image_encoder" / "dome272--wuerstchen")
 
 
 def test_readme_command_line_examples_run(real_ids_offline, capsys):
@@ -394,4 +396,4 @@ def test_readme_command_line_examples_run(real_ids_offline, capsys):
         code, stdout, err = run_cli([*args, "--height", "128", "--width", "128"], capsys)  # the tiny size: quick
         assert code == 0, err
     assert sorted(p.name for p in real_ids_offline.glob("*.png")) == ["fox-1-1.png", "fox-1-2.png", "fox-1-3.png",
-                                                                       "fox-1-4.png", "fox-oil.png"]  # fmt: skip
+                                                                       "fox-1-4.png", "fox-oil.png"]

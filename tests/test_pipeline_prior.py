@@ -29,7 +29,7 @@ def pair(tiny_prior_repo):
 def clip_states(ref, prompts):
     """transformers' CLIP last_hidden_state of `prompts`, as diffusers' encode_prompt computes it."""
     tokens = ref.tokenizer(prompts, padding="max_length", max_length=ref.tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")  # fmt: skip
+                           return_tensors="pt")
     with torch.no_grad():
         return ref.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
 
@@ -171,7 +171,7 @@ def test_callback_edits_latents_and_text_states(pair):
     names = ["latents", "text_encoder_hidden_states"]
     kwargs = dict(**SIZE, num_inference_steps=5, guidance_scale=4.0, negative_prompt="blurry")
     got, expected = run_both(pair, PROMPT, callback_on_step_end=edit, callback_on_step_end_tensor_inputs=names,
-                             **kwargs)  # fmt: skip
+                             **kwargs)
     assert_parity(got.image_embeddings, expected.image_embeddings)
     unedited = pair[0](PROMPT, generator=seeded(), **kwargs).image_embeddings
     assert relative_error(got.image_embeddings, unedited) > 0.01
@@ -187,7 +187,7 @@ def test_callback_sees_what_diffusers_shows(guidance, pair):
     records = {}
 
     kwargs = dict(**SIZE, num_inference_steps=3, guidance_scale=guidance, num_images_per_prompt=2,
-                  callback_on_step_end_tensor_inputs=names)  # fmt: skip
+                  callback_on_step_end_tensor_inputs=names)
     ours([PROMPT, OTHER], generator=seeded(), callback_on_step_end=shape_recorder(records, "ours"), **kwargs)
     ref([PROMPT, OTHER], generator=seeded(), callback_on_step_end=shape_recorder(records, "ref"), **kwargs)
     assert [r[0] for r in records["ours"]] == [ours] * 3 and [r[0] for r in records["ref"]] == [ref] * 3
@@ -201,7 +201,7 @@ def test_unknown_callback_tensor_name_lists_the_allowed_ones(pair):
     ours, _ = pair
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs") as info:
         ours(PROMPT, **SIZE, num_inference_steps=1, callback_on_step_end=lambda *a: {},
-             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])  # fmt: skip
+             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
     message = str(info.value)
     assert "\n" not in message and "prompt_embeds" in message
     assert all(name in message for name in ours._callback_tensor_inputs)
@@ -221,7 +221,7 @@ ERRORS = {
     "negative_prompt-and-negative_prompt_embeds": (
         dict(prompt=PROMPT, negative_prompt="x", negative_prompt_embeds=embeds()), "negative_prompt"),
     "mismatched-embeds": (dict(prompt_embeds=embeds(1), negative_prompt_embeds=embeds(2)), "same shape"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(ERRORS))
@@ -254,7 +254,7 @@ def test_built_from_parts_equals_loaded(pair, tiny_prior_repo):
     assert parts.prior is ours.prior and parts.text_encoder is ours.text_encoder
     kwargs = dict(**SIZE, num_inference_steps=3)
     assert torch.equal(parts(PROMPT, generator=seeded(), **kwargs).image_embeddings,
-                       ours(PROMPT, generator=seeded(), **kwargs).image_embeddings)  # fmt: skip
+                       ours(PROMPT, generator=seeded(), **kwargs).image_embeddings)
     # from_pretrained takes components by name in place of the repository's.
     swapped = wurst.WuerstchenPriorPipeline.from_pretrained(tiny_prior_repo, prior=ours.prior)
     assert swapped.prior is ours.prior and swapped.text_encoder is not ours.text_encoder

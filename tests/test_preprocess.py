@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from tests.image_fixtures import photo, write_png16
-from wurst import preprocess
 from wurst.errors import ArgumentError
+from wurst.pipelines import preprocess
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -143,7 +143,7 @@ def test_unreadable_files_are_named(tmp_path):
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     for path, message in ((garbage, "is not an image Pillow can read"), (truncated, "cannot be read"),
-                          (tmp_path, "is a directory")):  # fmt: skip
+                          (tmp_path, "is a directory")):
         with pytest.raises(ArgumentError) as caught:
             preprocess.to_tensor(path)
         assert str(path) in str(caught.value) and message in str(caught.value) and "\n" not in str(caught.value)

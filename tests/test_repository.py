@@ -28,7 +28,7 @@ from tests.helpers import (
     run_module,
 )
 from wurst import CheckpointError, ConfigError, Decoder, ModelNotFoundError, Pipeline, Prior, WurstError
-from wurst.repository import resolve
+from wurst.weights.repository import resolve
 
 # ---------------------------------------------------------------------------------------------------------
 # Model references: missing directories, hub ids offline, mixed-up repositories
@@ -52,7 +52,7 @@ def test_api_missing_directory_is_named(load, tmp_path, tiny_prior_repo, tiny_de
 def test_cli_missing_decoder_directory_is_named(tmp_path, tiny_prior_repo, out_dir, capsys):
     missing = tmp_path / "no" / "such" / "decoder"
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", missing,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, f"model directory not found: {missing}", out_dir)
 
 
@@ -91,7 +91,7 @@ def test_api_hub_id_offline_and_not_cached(kind, offline_hub, tiny_prior_repo):
 def test_cli_hub_id_offline_and_not_cached(offline_hub, tiny_prior_repo, out_dir):
     result = run_module(["-m", "wurst", SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo,
                          "--decoder", "warp-ai/wuerstchen", "--output", out_dir / "x.png"],
-                        env=offline_hub)  # fmt: skip
+                        env=offline_hub)
     line = assert_one_line_error(result.returncode, result.stdout, result.stderr, "warp-ai/wuerstchen ", out_dir)
     assert_offline_message(line, "warp-ai/wuerstchen")
 
@@ -112,7 +112,7 @@ def test_api_mixed_up_repositories(pair, culprit, tiny_prior_repo, tiny_decoder_
 
 def test_cli_prior_repo_as_decoder_is_named(tiny_prior_repo, out_dir, capsys):
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", tiny_prior_repo, "--decoder", tiny_prior_repo,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     line = assert_one_line_error(code, out, err, "It is the prior repository: pass it as the prior", out_dir)
     assert str(tiny_prior_repo) in line
 
@@ -322,7 +322,7 @@ def test_api_damaged_repository_is_named(damaged):
 def test_cli_damaged_repository_is_named(damaged, out_dir, capsys):
     prior, decoder, _, _, culprit = damaged
     code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--prior", prior, "--decoder", decoder,
-                              "--output", out_dir / "x.png"], capsys)  # fmt: skip
+                              "--output", out_dir / "x.png"], capsys)
     assert_one_line_error(code, out, err, culprit, out_dir)
 
 
@@ -330,7 +330,7 @@ def test_cli_damaged_repository_is_named(damaged, out_dir, capsys):
 def test_cli_damaged_checkpoint_in_a_real_process(damaged, out_dir):
     prior, decoder, _, _, culprit = damaged
     result = run_module(["-m", "wurst", SHORT_PROMPT, *ONE_STEP, "--prior", prior, "--decoder", decoder,
-                         "--output", out_dir / "x.png"])  # fmt: skip
+                         "--output", out_dir / "x.png"])
     assert_one_line_error(result.returncode, result.stdout, result.stderr, culprit, out_dir)
 
 
@@ -343,7 +343,7 @@ def test_resolve_local_and_missing(tmp_path):
 def test_resolve_hub_id_offline(tmp_path):
     """A hub id that is not cached, with the hub unreachable, names the id and says how to get it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from wurst.repository import resolve\nresolve('warp-ai/wuerstchen-prior')"
+    code = "from wurst.weights.repository import resolve\nresolve('warp-ai/wuerstchen-prior')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
@@ -354,7 +354,7 @@ def test_converted_index_lacking_a_model_is_named(tmp_path, tiny_prior_repo):
     """A wurst.json without one of the models is a one-line ConfigError naming it, not a KeyError."""
     (tmp_path / "tokenizer").mkdir()
     index = {"format": "wurst", "version": 1, "kind": "prior", "pipeline": {}, "scheduler": {},
-             "models": {"text_encoder": {}}}  # fmt: skip
+             "models": {"text_encoder": {}}}
     (tmp_path / "wurst.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="lacks the model 'stage_c' \\(prior\\)"):
         wurst.WuerstchenPriorPipeline.from_pretrained(tmp_path)

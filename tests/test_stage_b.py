@@ -92,7 +92,7 @@ def test_tiny_vqgan_parity(tiny_decoder_repo):
         dict(c_hidden=[16], nhead=[-1], blocks=[2], level_config=["CT"], inject_effnet=[False]),
         dict(c_hidden=[16, 24], nhead=[-1, -1], blocks=[1, 2], level_config=["CT", "TC"], inject_effnet=[True, False]),
         dict(c_hidden=[8, 16, 16], nhead=[2, 4, 2], blocks=[2, 1, 1], level_config=["CTA", "AC", "CT"],
-             inject_effnet=[True, False, True]),  # fmt: skip
+             inject_effnet=[True, False, True]),
     ],
 )
 def test_level_structure_follows_the_config(structure, tmp_path):
@@ -114,7 +114,7 @@ def test_attention_without_text_is_refused(tiny_decoder_repo):
 def test_zero_initialised_parameters_are_random_in_the_fixture(tiny_decoder_repo):
     state = load_stage_b(tiny_decoder_repo / "decoder").state_dict()
     for name in ("down_levels.0.0.grn.gamma", "down_levels.0.0.grn.beta", "down_levels.0.1.mapper.weight",
-                 "head.weight"):  # fmt: skip
+                 "head.weight"):
         assert state[name].abs().min() > 0, name
     gammas = load_stage_a(tiny_decoder_repo / "vqgan").state_dict()["up.1.gammas"]
     assert gammas.abs().min() > 0
@@ -136,7 +136,7 @@ def embeddings(h, w, batch=1, seed=5):
 def run_both(ours, ref, image_embeddings, prompt, seed=7, **kwargs):
     got = ours(image_embeddings, prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
     expected = ref(image_embeddings, prompt, generator=torch.Generator().manual_seed(seed), output_type="pt",
-                   **kwargs).images  # fmt: skip
+                   **kwargs).images
     return got, expected
 
 
@@ -149,7 +149,7 @@ SIZES = {(256, 256): (6, 6), (384, 256): (9, 6), (128, 512): (3, 12)}
 def test_tiny_seed_parity(size, guidance, tiny_pair):
     ours, ref = tiny_pair
     got, expected = run_both(ours, ref, embeddings(*SIZES[size]), PROMPT, guidance_scale=guidance,
-                             negative_prompt="blurry" if guidance else None)  # fmt: skip
+                             negative_prompt="blurry" if guidance else None)
     assert got.shape == expected.shape == (1, 3, *size)
     assert (got - expected).abs().max() <= 1e-4
     assert_images_informative(expected)
@@ -176,15 +176,15 @@ def test_tiny_batches_equal_single_runs(tiny_pair):
     image_embeddings = embeddings(6, 6, batch=2)
     seeds = [11, 12, 13, 14]
     batched = ours(image_embeddings, [PROMPT, OTHER], negative_prompt=["ugly", "dark"], num_images_per_prompt=2,
-                   generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)  # fmt: skip
+                   generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
     assert batched.shape == (4, 3, 256, 256)
     singles = [(0, PROMPT, "ugly"), (0, PROMPT, "ugly"), (1, OTHER, "dark"), (1, OTHER, "dark")]
     for k, (row, prompt, negative) in enumerate(singles):
         single = ours(image_embeddings[row : row + 1], prompt, negative_prompt=negative,
-                      generator=torch.Generator().manual_seed(seeds[k]), **kwargs)  # fmt: skip
+                      generator=torch.Generator().manual_seed(seeds[k]), **kwargs)
         assert (batched[k] - single[0]).abs().max() <= 1e-5, k
     expected = ref(image_embeddings[1:2], OTHER, negative_prompt="dark", generator=torch.Generator().manual_seed(13),
-                   output_type="pt", **kwargs).images  # fmt: skip
+                   output_type="pt", **kwargs).images
     assert (batched[2] - expected[0]).abs().max() <= 1e-4
 
 
@@ -196,14 +196,14 @@ def test_tiny_one_prompt_for_many_embeddings(tiny_pair):
     grouped = ours(image_embeddings, [PROMPT, OTHER], generator=generators, num_inference_steps=3)
     for k, prompt in enumerate([PROMPT, PROMPT, OTHER, OTHER]):
         single = ours(image_embeddings[k : k + 1], prompt, generator=torch.Generator().manual_seed(k),
-                      num_inference_steps=3)  # fmt: skip
+                      num_inference_steps=3)
         assert (grouped[k] - single[0]).abs().max() <= 1e-5, k
 
 
 def test_tiny_output_types(tiny_pair):
     ours, _ = tiny_pair
     runs = {t: ours(embeddings(3, 3), PROMPT, generator=torch.Generator().manual_seed(1), num_inference_steps=2,
-                    output_type=t) for t in ("pt", "np", "pil", "latent")}  # fmt: skip
+                    output_type=t) for t in ("pt", "np", "pil", "latent")}
     pt, array, pil, latent = runs["pt"], runs["np"], runs["pil"], runs["latent"]
     assert pt.shape == (1, 3, 128, 128) and pt.dtype == torch.float32
     assert isinstance(array, np.ndarray) and array.shape == (1, 128, 128, 3) and array.dtype == np.float32
@@ -239,7 +239,7 @@ def test_bad_inputs_name_the_argument(kwargs, match, tiny_pair):
 def test_grn_does_not_overflow_in_float16():
     """The sum of squares over a 128x128 latent of activations around 100 is ~1.6e8, past float16's 65504: GRN
     keeps its statistics in float32, so a float16 Stage B gets finite values close to float32's."""
-    from wurst.blocks import GlobalResponseNorm
+    from wurst.models.blocks import GlobalResponseNorm
 
     grn = GlobalResponseNorm(8)
     with torch.no_grad():
@@ -255,7 +255,7 @@ def test_grn_in_bfloat16_is_as_accurate_as_float32_statistics():
     """bfloat16 GRN squares in place and sums with float32 accumulation (no float32 copy of x). Against float64 it
     is as accurate as GRN with every statistic computed from a float32 copy, written out here (measured over three
     seeds: 2.8-3.0e-3 against 2.8-2.9e-3; rounding x in and the result out alone costs 2.1e-3)."""
-    from wurst.blocks import GlobalResponseNorm
+    from wurst.models.blocks import GlobalResponseNorm
 
     for seed in range(3):
         generator = torch.Generator().manual_seed(seed)
@@ -292,12 +292,12 @@ def test_blocked_bfloat16_attention_against_exact(batch, heads, n, m, logit_std)
     beside SDPA's fused kernel in bfloat16 (which keeps its logits in float32)."""
     import torch.nn.functional as F
 
-    from wurst.blocks import attention
+    from wurst.models.blocks import attention
 
     generator = torch.Generator().manual_seed(n)
     # (B, N, heads, 64) memory seen as (B, heads, N, 64), as split_heads gives it; logits q.k/8 of std logit_std.
     q, k, v = (torch.randn(batch, length, heads, 64, generator=generator).transpose(1, 2).bfloat16()
-               for length in (n, m, m))  # fmt: skip
+               for length in (n, m, m))
     q = q * logit_std
     with torch.no_grad():
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -311,29 +311,29 @@ def test_blocked_bfloat16_attention_against_exact(batch, heads, n, m, logit_std)
 def test_blocked_bfloat16_attention_is_softmax_of_each_head(batch, heads, n, m):
     """The blocks (several heads at once, or a head's queries in blocks with a shorter last one) and the one logits
     buffer they reuse, softmaxed in place, give what each head computed on its own in bfloat16 gives."""
-    from wurst.blocks import attention
+    from wurst.models.blocks import attention
 
     generator = torch.Generator().manual_seed(m)
     q, k, v = (torch.randn(batch, length, heads, 64, generator=generator).transpose(1, 2).bfloat16()
-               for length in (n, m, m))  # fmt: skip
+               for length in (n, m, m))
     with torch.no_grad():
         got = attention(q, k, v)
         each_head = torch.stack([torch.stack([torch.softmax((q[i, j] * 0.125) @ k[i, j].T, dim=-1) @ v[i, j]
-                                              for j in range(heads)]) for i in range(batch)])  # fmt: skip
+                                              for j in range(heads)]) for i in range(batch)])
     torch.testing.assert_close(got, each_head)  # bfloat16's tolerances: only the summation order may differ
 
 
 def test_attention_is_sdpa_outside_cpu_bfloat16():
     import torch.nn.functional as F
 
-    from wurst.blocks import attention
+    from wurst.models.blocks import attention
 
     q, k, v = (torch.randn(1, 2, 9, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     with torch.enable_grad():  # autograd: SDPA, whose backward exists
         qb = q.bfloat16().requires_grad_()
         assert torch.equal(attention(qb, k.bfloat16(), v.bfloat16()),
-                           F.scaled_dot_product_attention(qb, k.bfloat16(), v.bfloat16()))  # fmt: skip
+                           F.scaled_dot_product_attention(qb, k.bfloat16(), v.bfloat16()))
 
 
 def bfloat16_errors(decoder_dir, latent_size):
@@ -344,7 +344,7 @@ def bfloat16_errors(decoder_dir, latent_size):
     h, w = latent_size
     inputs = (torch.randn(1, cfg.c_in, h, w, generator=generator), torch.rand(1, generator=generator),
               3 * torch.randn(1, cfg.effnet_embd, h // 10, w // 10, generator=generator),
-              torch.randn(1, 77, cfg.clip_embd, generator=generator))  # fmt: skip
+              torch.randn(1, 77, cfg.clip_embd, generator=generator))
     return bfloat16_forward_errors(ref, lambda dtype: load_stage_b(decoder_dir, dtype=dtype), inputs)
 
 

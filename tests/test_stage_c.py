@@ -110,15 +110,15 @@ def test_tiny_prompt_list_equals_separate_runs(tiny_pair, tiny_prior_repo):
     ours, ref = tiny_pair
     kwargs = dict(height=512, width=512, guidance_scale=4.0, num_inference_steps=5)
     got = ours([PROMPT, OTHER], negative_prompt=["ugly", "dark"],
-               generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], **kwargs)  # fmt: skip
+               generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], **kwargs)
     for i, (prompt, negative) in enumerate([(PROMPT, "ugly"), (OTHER, "dark")]):
         expected = ref(prompt, negative_prompt=negative, generator=torch.Generator().manual_seed(i + 1),
-                       **kwargs).image_embeddings  # fmt: skip
+                       **kwargs).image_embeddings
         assert relative_error(got[i : i + 1], expected) <= 1e-4
     # And with a single generator, a batched diffusers run (whose prior batches correctly).
     got = ours([PROMPT, OTHER], generator=torch.Generator().manual_seed(3), num_images_per_prompt=2, **kwargs)
     expected = ref([PROMPT, OTHER], generator=torch.Generator().manual_seed(3), num_images_per_prompt=2,
-                   **kwargs).image_embeddings  # fmt: skip
+                   **kwargs).image_embeddings
     assert relative_error(got, expected) <= 1e-4
 
 
@@ -175,7 +175,7 @@ def test_published_seed_parity(published_prior_repo):
     ours = Prior.from_pretrained(published_prior_repo)
     ref = reference.prior_pipeline(published_prior_repo)
     for kwargs in (dict(guidance_scale=4.0, num_inference_steps=3, negative_prompt="blurry"),
-                   dict(guidance_scale=1.0, timesteps=[1.0, 0.6, 0.0])):  # fmt: skip
+                   dict(guidance_scale=1.0, timesteps=[1.0, 0.6, 0.0])):
         got, expected = run_both(published_prior_repo, ours, ref, PROMPT, height=512, width=512, **kwargs)
         error = relative_error(got, expected)
         print(f"published Stage C run {kwargs}: relative error {error:.2e}")
@@ -187,7 +187,7 @@ def bfloat16_errors(prior_dir, size):
     ref = WuerstchenPrior.from_pretrained(prior_dir).eval()
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, ref.config.c_in, *size, generator=generator), torch.rand(2, generator=generator),
-              torch.randn(2, 77, ref.config.c_cond, generator=generator))  # fmt: skip
+              torch.randn(2, 77, ref.config.c_cond, generator=generator))
     return bfloat16_forward_errors(ref, lambda dtype: load_stage_c(prior_dir, dtype=dtype), inputs)
 
 

@@ -32,7 +32,7 @@ PROMPTS = [
     "a bowl of ramen, studio photograph", "an astronaut riding a horse on the moon",
     "a watercolor map of an imaginary island", "a robot reading a newspaper in a cafe",
     "a snowy mountain village at dawn", "a close-up of a hummingbird, macro photograph",
-]  # fmt: skip
+]
 
 
 def repos(fixtures: str) -> tuple[Path, Path]:
@@ -52,7 +52,7 @@ def command(processes: int, batch_size: int, prompts: Path, out: Path, args: arg
     prior, decoder = repos(args.fixtures)
     job = ["-m", "wurst.batch", str(prompts), "--out", str(out), "--batch-size", str(batch_size),
            "--height", str(args.size), "--width", str(args.size), "--prior", str(prior), "--decoder", str(decoder),
-           "--device", args.device, "--dtype", args.dtype, "--seed", "0"]  # fmt: skip
+           "--device", args.device, "--dtype", args.dtype, "--seed", "0"]
     if not args.default_steps:
         job += ["--prior-steps", str(args.prior_steps), "--decoder-steps", str(args.decoder_steps)]
     if args.low_memory:
@@ -81,7 +81,7 @@ def main() -> None:
     prompts.write_text("".join(PROMPTS[i % len(PROMPTS)] + "\n" for i in range(args.prompts)), encoding="utf-8")
     steps = "29 guided Stage C + 12 Stage B" if args.default_steps else f"{args.prior_steps}+{args.decoder_steps}"
     print(f"{args.prompts} images, {args.size}x{args.size}, {steps} steps, {args.dtype} on {args.device}, "
-          f"torch threads as listed{', low memory' if args.low_memory else ''}\n")  # fmt: skip
+          f"torch threads as listed{', low memory' if args.low_memory else ''}\n")
     print("| processes x threads | batch size | wall (s) | images/min | images/s |")
     print("|---|---|---|---|---|")
     try:
@@ -93,12 +93,12 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
             start = time.perf_counter()
             done = subprocess.run(command(processes, int(batch_size), prompts, out, args), env=env,
-                                  capture_output=True, text=True)  # fmt: skip
+                                  capture_output=True, text=True)
             wall = time.perf_counter() - start
             if done.returncode != 0 or len(list(out.glob("*.png"))) != args.prompts:
                 sys.exit(f"run {run} failed:\n{done.stderr[-3000:]}")
             print(f"| {processes} x {threads} | {batch_size} | {wall:.1f} | {args.prompts / wall * 60:.2f} | "
-                  f"{args.prompts / wall:.3f} |", flush=True)  # fmt: skip
+                  f"{args.prompts / wall:.3f} |", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

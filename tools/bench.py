@@ -59,7 +59,7 @@ def weight_files(dtype: str) -> list[Path]:
     """Every weight file a run in `dtype` maps: the checkpoints, or for wurst their cast copies."""
     import torch
 
-    from wurst.loader import files_in_dtype
+    from wurst.weights.cast_copies import files_in_dtype
 
     files = [path for repo in repos() for path in sorted(repo.rglob("*.safetensors"))]
     return files + (files_in_dtype(files, getattr(torch, dtype)) if dtype != "float32" else [])
@@ -74,7 +74,7 @@ def warm_page_cache(dtype: str) -> None:
 
 
 def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name: str = "float32",
-           count_flops: bool = False) -> dict:  # fmt: skip
+           count_flops: bool = False) -> dict:
     """One text-to-image run; returns the stage times, the peak RSS and a checksum of the image. prior_steps None:
     the published 29-step Stage C schedule (DEFAULT_STAGE_C_TIMESTEPS) on both sides."""
     import torch
@@ -92,12 +92,12 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
 
         low_memory = {"wurst": None, "wurst-resident": False, "wurst-low-memory": True}[impl]  # None: the default
         pipe = wurst.load_pipeline(prior=prior_repo, decoder=decoder_repo, device="cpu", dtype=dtype,
-                                   low_memory=low_memory)  # fmt: skip
+                                   low_memory=low_memory)
         pipe.set_progress_bar_config(disable=True)
         prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, **schedule,  # noqa: E731
-                                        guidance_scale=4.0, generator=generator).image_embeddings  # fmt: skip
+                                        guidance_scale=4.0, generator=generator).image_embeddings
         decoder = lambda emb: pipe.decoder_pipe(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
-                                                output_type="latent").images  # fmt: skip
+                                                output_type="latent").images
         stage_a = pipe.decoder_pipe.decode
     else:
         from tools import reference
@@ -106,7 +106,7 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
         prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, **schedule,  # noqa: E731
                                         guidance_scale=4.0, generator=generator, output_type="pt").image_embeddings
         decoder = lambda emb: pipe.decoder_pipe(emb, PROMPT, num_inference_steps=steps, generator=generator,  # noqa: E731
-                                                output_type="latent").images  # fmt: skip
+                                                output_type="latent").images
 
         def stage_a(latents):
             return pipe.vqgan.decode(latents * pipe.vqgan.config.scale_factor).sample.clamp(0, 1)
@@ -123,9 +123,9 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
-        import wurst.blocks
+        import wurst.models.blocks
 
-        wurst.blocks._ONEDNN_DTYPES = frozenset()  # the counter knows aten's matmuls, not oneDNN's (same FLOPs)
+        wurst.models.blocks._ONEDNN_DTYPES = frozenset()  # the counter knows aten's matmuls, not oneDNN's (same FLOPs)
 
         def counted(run, *args):
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -150,7 +150,7 @@ def matmul_gflops(threads: int, dtype_name: str = "float32") -> float:
     put the fraction over 100%."""
     import torch
 
-    from wurst.blocks import _ONEDNN_DTYPES  # where wurst's layers use oneDNN's linear (probed per dtype)
+    from wurst.models.blocks import _ONEDNN_DTYPES  # where wurst's layers use oneDNN's linear (probed per dtype)
 
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
@@ -170,7 +170,7 @@ def matmul_gflops(threads: int, dtype_name: str = "float32") -> float:
 
 def run_worker(args: argparse.Namespace, impl: str, dtype: str = "float32", flops: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--size", str(args.size), "--steps", str(args.steps),
-           "--prior-steps", str(args.prior_steps or 0), "--threads", str(args.threads), "--dtype", dtype]  # fmt: skip
+           "--prior-steps", str(args.prior_steps or 0), "--threads", str(args.threads), "--dtype", dtype]
     cmd += ["--flops"] if flops else []
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
@@ -187,11 +187,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="processes per implementation (default 3)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--impls", default="wurst,wurst-resident,diffusers",
-                        help=f"comma-separated, from {', '.join(IMPLS)}")  # fmt: skip
+                        help=f"comma-separated, from {', '.join(IMPLS)}")
     parser.add_argument("--dtypes", default="float32", help="comma-separated, from float32, bfloat16 (default float32)")
     parser.add_argument("--default-workload", action="store_true",
                         help="1024x1024, the 29-step Stage C schedule, 12 Stage B steps, one run each of wurst and "
-                             "diffusers in float32 and bfloat16")  # fmt: skip
+                             "diffusers in float32 and bfloat16")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -231,14 +231,14 @@ def main() -> None:
         n_prior = args.prior_steps or 29
         per_stage = {"prior": n_prior, "decoder": args.steps, "stage_a": 1}
         flops = sum(counts[f"{stage}_1"] + (n - 1) * (counts[f"{stage}_2"] - counts[f"{stage}_1"])
-                    for stage, n in per_stage.items())  # fmt: skip
+                    for stage, n in per_stage.items())
     rates = {dtype: matmul_gflops(args.threads, dtype) for dtype in dtypes}
 
     prior_steps = args.prior_steps or "29 (DEFAULT_STAGE_C_TIMESTEPS)"
     counted = f"{flops / 1e12:.1f} TFLOP per run; " if flops else ""
     print(f"\n{args.size}x{args.size}, {prior_steps} Stage C steps (guidance 4), {args.steps} Stage B steps, "
           f"{args.threads} threads, median of {args.repeats} processes each; {counted}2048² matmul: "
-          + ", ".join(f"{rate:.0f} GFLOP/s in {dtype}" for dtype, rate in rates.items()) + "\n")  # fmt: skip
+          + ", ".join(f"{rate:.0f} GFLOP/s in {dtype}" for dtype, rate in rates.items()) + "\n")
     print("| | dtype | " + " | ".join(STAGES) + " | total | peak RSS | of matmul rate |")
     print("|---" * (len(STAGES) + 5) + "|")
     totals, peaks = {}, {}
@@ -250,14 +250,14 @@ def main() -> None:
         peaks[impl, dtype] = medians["peak_rss_gib"]
         share = f"{flops / generation / (rates[dtype] * 1e9):.0%}" if flops else "-"
         print(f"| {impl} | {dtype} | " + " | ".join(cells)
-              + f" | {totals[impl, dtype]:.1f} s | {peaks[impl, dtype]:.2f} GiB | {share} |")  # fmt: skip
+              + f" | {totals[impl, dtype]:.1f} s | {peaks[impl, dtype]:.2f} GiB | {share} |")
     print()
     for impl, dtype in totals:
         for ref in [("diffusers", d) for d in dtypes if ("diffusers", d) in totals and impl != "diffusers"]:
             print(f"{impl} {dtype} / diffusers {ref[1]}: total time {totals[impl, dtype] / totals[ref]:.2f}, "
-                  f"peak RSS {peaks[impl, dtype] / peaks[ref]:.2f}")  # fmt: skip
+                  f"peak RSS {peaks[impl, dtype] / peaks[ref]:.2f}")
     sums = {f"{impl} {dtype}": sorted({round(r["checksum"], 1) for r in runs})
-            for (impl, dtype), runs in results.items()}  # fmt: skip
+            for (impl, dtype), runs in results.items()}
     print(f"image checksums: {sums}")
 
 

@@ -34,11 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import wurst  # noqa: E402
-from tools import original_format  # noqa: E402
-from wurst import effnet  # noqa: E402
-from wurst.components import COMPONENTS  # noqa: E402
-from wurst.loader import ALIGNMENT, config_from_dict, load_module, read_weights, weight_files  # noqa: E402
-from wurst.repository import CONVERTED_INDEX, KINDS, MODEL_CARD, Repository, read_repository  # noqa: E402
+from wurst.weights import image_encoder as encoder_files  # noqa: E402
+from wurst.weights import original as original_format  # noqa: E402
+from wurst.weights.configs import config_from_dict
+from wurst.weights.load import load_module
+from wurst.weights.repository import CONVERTED_INDEX, KINDS, MODEL_CARD, Repository, read_repository  # noqa: E402
+from wurst.weights.safetensors_io import ALIGNMENT, read_weights, weight_files  # noqa: E402
+from wurst.weights.spec import COMPONENTS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -76,14 +78,14 @@ def interpolated_stage_c(a: str, b: str, alpha: float, replaced: torch.nn.Module
 def read_image_encoder(args: argparse.Namespace, prior: Repository) -> torch.nn.Module | None:
     """Stage C's image encoder: --image-encoder, else the one a --stage-b release file or converted prior holds."""
     if args.image_encoder:
-        return effnet.load_image_encoder(args.image_encoder, torch.float32, "cpu")
+        return encoder_files.load_image_encoder(args.image_encoder, torch.float32, "cpu")
     if args.stage_b and Path(args.stage_b).is_file():
         try:
-            return effnet.load_original(args.stage_b, torch.float32, "cpu")
+            return encoder_files.load_original(args.stage_b, torch.float32, "cpu")
         except wurst.CheckpointError:  # a Stage B file without the encoder: image to image needs it elsewhere
             pass
-    if effnet.has_converted(prior.folder):
-        return effnet.load_converted(prior.folder, torch.float32, "cpu")
+    if encoder_files.has_converted(prior.folder):
+        return encoder_files.load_converted(prior.folder, torch.float32, "cpu")
     return None
 
 
@@ -110,7 +112,7 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
     for name in order:
         t = tensors[name]
         header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
+                        "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % ALIGNMENT)
@@ -121,7 +123,7 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], dtype: torch.dtype | None,
-               image_encoder: torch.nn.Module | None = None) -> dict:  # fmt: skip
+               image_encoder: torch.nn.Module | None = None) -> dict:
     """Write one converted folder under a temporary name and swap it in only when complete, so a failure
     leaves neither a half-made folder nor a lost old one. `image_encoder` (Stage C's) goes with the prior."""
     target, partial, old = out / repo.kind, out / f".{repo.kind}.partial", out / f".{repo.kind}.old"
@@ -135,11 +137,11 @@ def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], 
         "format": "wurst", "version": 1, "kind": repo.kind,
         "pipeline": dataclasses.asdict(repo.pipeline_config), "scheduler": dataclasses.asdict(repo.scheduler),
         "models": {COMPONENTS[name].converted_name: dataclasses.asdict(model.config) for name, model in models.items()},
-    }  # fmt: skip
+    }
     if image_encoder is not None:
-        written[effnet.CONVERTED_NAME] = cast_state(image_encoder, dtype)
-        save_aligned(written[effnet.CONVERTED_NAME], partial / f"{effnet.CONVERTED_NAME}.safetensors")
-        index["models"][effnet.CONVERTED_NAME] = dataclasses.asdict(image_encoder.config)
+        written[encoder_files.CONVERTED_NAME] = cast_state(image_encoder, dtype)
+        save_aligned(written[encoder_files.CONVERTED_NAME], partial / f"{encoder_files.CONVERTED_NAME}.safetensors")
+        index["models"][encoder_files.CONVERTED_NAME] = dataclasses.asdict(image_encoder.config)
     (partial / CONVERTED_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if repo.kind == "decoder":  # the model card that names the prior, as the hub's does (a path from here)
         (partial / MODEL_CARD).write_text("---\nprior:\n- ../prior\n---\n")
@@ -161,8 +163,8 @@ def write_repo(out: Path, repo: Repository, models: dict[str, torch.nn.Module], 
 def verify(folder: Path, kind: str, written: dict[str, dict[str, torch.Tensor]]) -> None:
     reread = read_repository(folder, kind)
     for name, state in written.items():
-        if name == effnet.CONVERTED_NAME:
-            reloaded = effnet.load_converted(folder).state_dict()
+        if name == encoder_files.CONVERTED_NAME:
+            reloaded = encoder_files.load_converted(folder).state_dict()
         else:
             reloaded = reread.load(name, dtype=None, device="cpu").state_dict()
         for key, tensor in state.items():
@@ -209,7 +211,7 @@ def convert(args: argparse.Namespace) -> None:
     # Weights stay memory-mapped until written, so holding both repositories costs little memory.
     repos = {"prior": read_repository(args.prior, "prior"), "decoder": read_repository(args.decoder, "decoder")}
     models = {kind: {name: repo.load(name, dtype=torch.float32, device="cpu") for name in KINDS[kind].components}
-              for kind, repo in repos.items()}  # fmt: skip
+              for kind, repo in repos.items()}
     if args.stage_c:
         models["prior"]["prior"] = load_stage(args.stage_c, "prior", models["prior"]["prior"])
     elif args.interpolate:

@@ -53,7 +53,7 @@ def wurst_pipeline(prior, decoder, dtype, compiled=False, low_memory=False, offl
     import wurst
 
     pipe = wurst.load_pipeline(prior=prior, decoder=decoder, device="cpu" if offload else "cuda", dtype=dtype,
-                               low_memory=low_memory)  # fmt: skip
+                               low_memory=low_memory)
     pipe.set_progress_bar_config(disable=True)
     if offload:
         getattr(pipe, f"enable_{offload}_cpu_offload")()
@@ -67,7 +67,7 @@ def wurst_run(pipe, size: int):
     from wurst import DEFAULT_STAGE_C_TIMESTEPS
 
     return lambda: pipe(PROMPT, height=size, width=size, prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS,
-                        generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images  # fmt: skip
+                        generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
 
 
 def diffusers_pipeline(prior, decoder, dtype, compiled=False):
@@ -85,7 +85,7 @@ def diffusers_run(pipe, size: int):
     from diffusers.pipelines.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 
     return lambda: pipe(PROMPT, height=size, width=size, prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS,
-                        generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images  # fmt: skip
+                        generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
 
 
 def main() -> None:
@@ -110,10 +110,10 @@ def main() -> None:
         variants.append(("wurst compiled", lambda: wurst_pipeline(prior, decoder, torch.bfloat16, True), wurst_run))
     if not args.no_diffusers:
         variants.append(("diffusers eager", lambda: diffusers_pipeline(prior, decoder, torch.bfloat16),
-                         diffusers_run))  # fmt: skip
+                         diffusers_run))
         if not args.no_compile:
             variants.append(("diffusers compiled", lambda: diffusers_pipeline(prior, decoder, torch.bfloat16, True),
-                             diffusers_run))  # fmt: skip
+                             diffusers_run))
     for name, build, run in variants:
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -126,7 +126,7 @@ def main() -> None:
 
     memory_rows = []
     for name, options in (("wurst low-memory", dict(low_memory=True)), ("wurst model offload", dict(offload="model")),
-                          ("wurst sequential offload", dict(offload="sequential"))):  # fmt: skip
+                          ("wurst sequential offload", dict(offload="sequential"))):
         pipe = wurst_pipeline(prior, decoder, torch.bfloat16, **options)
         torch.cuda.reset_peak_memory_stats()
         _, median, _ = timed_runs(wurst_run(pipe, args.size), 1)
@@ -154,7 +154,7 @@ def main() -> None:
     try:
         half = wurst_run(wurst_pipeline(prior, decoder, torch.float16), args.size)()
         print(f"wurst fp16 vs wurst fp32: mean |diff| {(half - reference).abs().mean():.4f}, "
-              f"finite: {bool(torch.isfinite(half).all())}")  # fmt: skip
+              f"finite: {bool(torch.isfinite(half).all())}")
     except wurst.NumericalError as e:
         print(f"wurst fp16: stopped cleanly: {e}")
     if not args.no_diffusers:

@@ -40,7 +40,7 @@ REPOS = {
 def _tiny_clip(width: int, layers: int, heads: int) -> dict:
     published = json.loads((CONFIGS / "wuerstchen-prior" / "text_encoder" / "config.json").read_text())
     return {**published, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "projection_dim": width}  # fmt: skip
+            "num_attention_heads": heads, "projection_dim": width}
 
 
 # Tiny configs keep every structural feature of the published ones (all four decoder levels, attention,
@@ -54,10 +54,10 @@ TINY = {
         "decoder": {"c_in": 4, "c_out": 4, "c_r": 16, "patch_size": 2, "c_cond": 32, "c_hidden": [16, 32, 32, 32],
                     "nhead": [-1, 2, 2, 2], "blocks": [1, 1, 2, 1], "level_config": ["CT", "CTA", "CTA", "CTA"],
                     "inject_effnet": [False, True, True, True], "effnet_embd": 16, "clip_embd": 24,
-                    "kernel_size": 3, "dropout": 0.1},  # fmt: skip
+                    "kernel_size": 3, "dropout": 0.1},
         "vqgan": {"in_channels": 3, "out_channels": 3, "up_down_scale_factor": 2, "levels": 2,
                   "bottleneck_blocks": 2, "embed_dim": 16, "latent_channels": 4, "num_vq_embeddings": 64,
-                  "scale_factor": 0.3764},  # fmt: skip
+                  "scale_factor": 0.3764},
         "text_encoder": _tiny_clip(24, 2, 2),
     },
 }
@@ -143,7 +143,7 @@ def write_tokenizer(folder: Path, layout: str = "json", pad_token: str = "<|endo
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                              pad_token=pad_token, model_max_length=77)  # fmt: skip
+                              pad_token=pad_token, model_max_length=77)
     if layout == "json":
         tokenizer.save_pretrained(folder)
         for name in ("vocab.json", "merges.txt"):
@@ -151,13 +151,13 @@ def write_tokenizer(folder: Path, layout: str = "json", pad_token: str = "<|endo
     elif layout == "legacy":
         def added(content: str) -> dict:
             return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
-                    "rstrip": False, "single_word": False}  # fmt: skip
+                    "rstrip": False, "single_word": False}
         config = {"add_prefix_space": False, "bos_token": added("<|startoftext|>"),
                   "clean_up_tokenization_spaces": True, "do_lower_case": True, "eos_token": added("<|endoftext|>"),
                   "errors": "replace", "model_max_length": 77, "pad_token": pad_token,
-                  "tokenizer_class": "CLIPTokenizer", "unk_token": added("<|endoftext|>")}  # fmt: skip
+                  "tokenizer_class": "CLIPTokenizer", "unk_token": added("<|endoftext|>")}
         special = {"bos_token": added("<|startoftext|>"), "eos_token": added("<|endoftext|>"),
-                   "pad_token": pad_token, "unk_token": added("<|endoftext|>")}  # fmt: skip
+                   "pad_token": pad_token, "unk_token": added("<|endoftext|>")}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     else:

@@ -42,6 +42,6 @@ def combined_pipeline(prior_dir, decoder_dir, dtype=torch.float32) -> Wuerstchen
         tokenizer=decoder.tokenizer, text_encoder=decoder.text_encoder, decoder=decoder.decoder,
         scheduler=decoder.scheduler, vqgan=decoder.vqgan, prior_tokenizer=prior.tokenizer,
         prior_text_encoder=prior.text_encoder, prior_prior=prior.prior, prior_scheduler=prior.scheduler,
-    )  # fmt: skip
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -5,9 +5,8 @@ WuerstchenDecoderPipeline, AutoPipelineForText2Image) run with only the import l
 call from prompt to images.
 """
 
-from .clip import CLIPTextConfig, CLIPTextEncoder
-from .components import load_clip_text_encoder, load_stage_a, load_stage_b, load_stage_c
-from .errors import (
+from wurst.api import Decoder, Pipeline, Prior, generate, load_pipeline
+from wurst.errors import (
     ArgumentError,
     CheckpointError,
     ConfigError,
@@ -17,17 +16,18 @@ from .errors import (
     NumericalError,
     WurstError,
 )
-from .pipeline import Decoder, Pipeline, Prior, generate, load_pipeline
-from .pipeline_base import ImagePipelineOutput, WuerstchenPriorPipelineOutput
-from .pipeline_combined import AutoPipelineForText2Image, WuerstchenCombinedPipeline
-from .pipeline_decoder import WuerstchenDecoderPipeline
-from .pipeline_img2img import AutoPipelineForImage2Image, WuerstchenImg2ImgPipeline
-from .pipeline_prior import WuerstchenPriorPipeline
-from .sampler import DEFAULT_STAGE_C_TIMESTEPS
-from .stage_a import StageA, StageAConfig
-from .stage_b import StageB, StageBConfig
-from .stage_c import StageC, StageCConfig
-from .tokenizer import CLIPTokenizer, PromptTruncatedWarning
+from wurst.models.clip import CLIPTextConfig, CLIPTextEncoder
+from wurst.models.stage_a import StageA, StageAConfig
+from wurst.models.stage_b import StageB, StageBConfig
+from wurst.models.stage_c import StageC, StageCConfig
+from wurst.models.tokenizer import CLIPTokenizer, PromptTruncatedWarning
+from wurst.pipelines.base import ImagePipelineOutput, WuerstchenPriorPipelineOutput
+from wurst.pipelines.combined import AutoPipelineForText2Image, WuerstchenCombinedPipeline
+from wurst.pipelines.decoder import WuerstchenDecoderPipeline
+from wurst.pipelines.img2img import AutoPipelineForImage2Image, WuerstchenImg2ImgPipeline
+from wurst.pipelines.prior import WuerstchenPriorPipeline
+from wurst.sampler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst.weights.spec import load_clip_text_encoder, load_stage_a, load_stage_b, load_stage_c
 
 __all__ = [
     "AutoPipelineForText2Image",

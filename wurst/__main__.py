@@ -1,3 +1,3 @@
-from .cli import main
+from wurst.cli import main
 
 raise SystemExit(main())

@@ -37,7 +37,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import (
+from wurst.cli import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     Parser,
@@ -52,7 +52,7 @@ from .cli import (
     png_metadata,
     write_file_atomically,
 )
-from .errors import ArgumentError, WurstError
+from wurst.errors import ArgumentError, WurstError
 
 JOB, MANIFEST, JOURNALS = "job.json", "manifest.jsonl", ".journal"
 LINE_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "num_images")
@@ -134,7 +134,7 @@ def parse_json_line(raw: str, where: str) -> dict:
 
 def checked(where: str, key: str, value, kind: type, minimum: int | None = None):
     """A line's value of `key` (None passes: the default applies); sizes must be on the 128 grid."""
-    from . import checks
+    from wurst.pipelines import checks
 
     if value is None:
         return None
@@ -199,7 +199,7 @@ def inspect_folder(out: Path, settings: dict) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArgumentError(f"{job} is damaged ({e}): use a new --out folder") from e
     differences = [f"{key} is {theirs.get(key)!r} there, {value!r} here" for key, value in settings.items()
-                   if theirs.get(key) != value]  # fmt: skip
+                   if theirs.get(key) != value]
     if differences:
         raise ArgumentError(f"--out {out} holds another job ({JOB}): {'; '.join(differences)}")
 
@@ -294,13 +294,13 @@ def job_settings(args: argparse.Namespace, prompts: Path, device, dtype) -> dict
             "decoder_steps": args.decoder_steps, "prior_guidance": args.prior_guidance,
             "decoder_guidance": args.decoder_guidance, "prior": str(args.prior), "decoder": str(args.decoder),
             "device": device.type, "dtype": str(dtype).removeprefix("torch."), "batch_size": args.batch_size,
-            "wurst_version": wurst.__version__}  # fmt: skip
+            "wurst_version": wurst.__version__}
 
 
 def cli_command(image: Image, args: argparse.Namespace, device, dtype) -> list[str]:
     """The `python -m wurst` command that draws this image (as image `image_index` of its --num-images)."""
     command = ["python", "-m", "wurst", image.prompt, "--seed", str(image.seed), "--height", str(image.height),
-               "--width", str(image.width), "--num-images", str(image.drawn_with)]  # fmt: skip
+               "--width", str(image.width), "--num-images", str(image.drawn_with)]
     if image.negative_prompt:
         command += ["--negative-prompt", image.negative_prompt]
     if args.prior_steps:
@@ -308,25 +308,25 @@ def cli_command(image: Image, args: argparse.Namespace, device, dtype) -> list[s
     return command + ["--decoder-steps", str(args.decoder_steps), "--prior-guidance", str(args.prior_guidance),
                       "--decoder-guidance", str(args.decoder_guidance), "--prior", str(args.prior),
                       "--decoder", str(args.decoder), "--device", device.type,
-                      "--dtype", str(dtype).removeprefix("torch.")]  # fmt: skip
+                      "--dtype", str(dtype).removeprefix("torch.")]
 
 
 def generate_group(pipe, group: list[Image], args: argparse.Namespace, output_type: str = "pil"):
     """One forward pass: a seeded line's images from its one generator, or one generator per image."""
     import torch
 
-    from .pipeline import prior_schedule
+    from wurst.api import prior_schedule
 
     first = group[0]
     common = dict(height=first.height, width=first.width, prior_guidance_scale=args.prior_guidance,
                   num_inference_steps=args.decoder_steps, decoder_guidance_scale=args.decoder_guidance,
-                  output_type=output_type, **prior_schedule(args.prior_steps))  # fmt: skip
+                  output_type=output_type, **prior_schedule(args.prior_steps))
     if first.drawn_with > 1:
         return pipe(first.prompt, negative_prompt=first.negative_prompt, num_images_per_prompt=first.drawn_with,
-                    generator=torch.Generator("cpu").manual_seed(first.seed), **common).images  # fmt: skip
+                    generator=torch.Generator("cpu").manual_seed(first.seed), **common).images
     return pipe([image.prompt for image in group], negative_prompt=[image.negative_prompt or "" for image in group],
                 generator=[torch.Generator("cpu").manual_seed(image.seed) for image in group],
-                **common).images  # fmt: skip
+                **common).images
 
 
 class Progress:
@@ -338,7 +338,7 @@ class Progress:
 
         self.out, self.images, self.start = out, images, done
         self.bar = tqdm(total=len(images), initial=done, unit="image", dynamic_ncols=True,
-                        bar_format="{n}/{total} images [{elapsed}<{remaining}{postfix}]")  # fmt: skip
+                        bar_format="{n}/{total} images [{elapsed}<{remaining}{postfix}]")
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.watch, daemon=True) if poll else None
@@ -379,7 +379,7 @@ def distributed_setup(device) -> tuple[int, int, object]:
 
         # The final barrier waits for the slowest process, which may be hours behind: no 30-minute default.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(days=7))  # fmt: skip
+                                timeout=datetime.timedelta(days=7))
     return rank, world, device
 
 
@@ -395,8 +395,8 @@ def share(value, rank: int, world: int):
 
 
 def run(argv: list[str]) -> None:
-    from . import checks
-    from .pipeline import load_pipeline
+    from wurst.api import load_pipeline
+    from wurst.pipelines import checks
 
     args = build_parser().parse_args(argv)
     # The job's checks, before any model loads; every process makes them and reaches the same verdict. Size
@@ -432,7 +432,7 @@ def run(argv: list[str]) -> None:
 
         if verdict:  # a finished job loads nothing
             pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
-                                 low_memory=args.low_memory, force=args.force)  # fmt: skip
+                                 low_memory=args.low_memory, force=args.force)
             pipe.set_progress_bar_config(disable=True)
             shapes = {(groups[n][0].height, groups[n][0].width, len(groups[n])) for n in verdict}
             for height, width, size in sorted(shapes):  # every forward pass of the job fits, or none runs
@@ -452,14 +452,14 @@ def run(argv: list[str]) -> None:
             for image, picture in zip(group, pictures, strict=True):
                 made_with = generation_settings(args, prompt=image.prompt, negative_prompt=image.negative_prompt,
                                                 seed=image.seed, height=image.height, width=image.width,
-                                                num_images=image.drawn_with, device=device, dtype=dtype)  # fmt: skip
+                                                num_images=image.drawn_with, device=device, dtype=dtype)
                 data = png_bytes(picture, png_metadata(made_with, image_index=image.image_index,
-                                                       command=cli_command(image, args, device, dtype)))  # fmt: skip
+                                                       command=cli_command(image, args, device, dtype)))
                 name = file_name(image.index, len(images))
                 write_file_atomically(out / name, data)
                 journal.append({"index": image.index, "file": name, "sha256": hashlib.sha256(data).hexdigest(),
                                 "prompt": image.prompt, "seed": image.seed, "line": image.line,
-                                "settings": {**made_with, "image_index": image.image_index}})  # fmt: skip
+                                "settings": {**made_with, "image_index": image.image_index}})
             if rank == 0 and world == 1:
                 progress.set(progress.bar.n + len(group))
         if world > 1:
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     who = f"wurst.batch (rank {rank})" if world > 1 else "wurst.batch"
     warnings.showwarning = lambda message, *rest: rank == 0 and print(f"wurst.batch: warning: {message}",
-                                                                      file=sys.stderr)  # fmt: skip
+                                                                      file=sys.stderr)
     try:
         run(argv)
     except ReportedByRankZero:

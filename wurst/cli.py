@@ -18,7 +18,7 @@ from pathlib import Path
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}  # fmt: skip
+          "float16": "float16", "fp16": "float16"}
 
 
 class UsageError(Exception):
@@ -40,7 +40,7 @@ def add_generation_options(
     p.add_argument("--seed", type=int, default=None, help=seed_help)
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
     p.add_argument("--prior-steps", type=int, default=None,
-                   help="Stage C steps (default: the 29-step DEFAULT_STAGE_C_TIMESTEPS schedule)")  # fmt: skip
+                   help="Stage C steps (default: the 29-step DEFAULT_STAGE_C_TIMESTEPS schedule)")
     p.add_argument("--decoder-steps", type=int, default=12, help="Stage B steps (default 12)")
     p.add_argument("--prior-guidance", type=float, default=4.0, help="Stage C guidance scale (default 4)")
     p.add_argument("--decoder-guidance", type=float, default=0.0, help="Stage B guidance scale (default 0: off)")
@@ -53,7 +53,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="default: bfloat16 on cuda and on cpus with native bfloat16 (avx512_bf16, amx), "
-                        "else float32")  # fmt: skip
+                        "else float32")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--low-memory", dest="low_memory", action="store_true",
                       help="load each model only while it runs (the default on cpu): about 5 GB at 1024x1024")
@@ -61,18 +61,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                       help="keep all five models loaded (the default on GPUs): about 13 GB in float32 at 512x512")
     p.set_defaults(low_memory=None)
     p.add_argument("--force", action="store_true",
-                   help="run even when the memory estimate says the device has too little")  # fmt: skip
+                   help="run even when the memory estimate says the device has too little")
 
 
 def add_image_options(p: argparse.ArgumentParser) -> None:
     """Image to image (wurst/pipeline_img2img.py): --strength 0 gives variations of the image."""
     p.add_argument("--image", action="append", metavar="PATH",
-                   help="start from this image (repeat for several); the prompt is then optional")  # fmt: skip
+                   help="start from this image (repeat for several); the prompt is then optional")
     p.add_argument("--strength", type=float, default=None,
-                   help="with --image: how far Stage C re-noises it, 0 to 1 (default 0.8; 0: variations)")  # fmt: skip
+                   help="with --image: how far Stage C re-noises it, 0 to 1 (default 0.8; 0: variations)")
     p.add_argument("--image-encoder", default=None, metavar="REF",
                    help="Stage C's image encoder: model_v2_stage_b.pt or a converted folder (default: the prior's, "
-                        "else dome272/wuerstchen's, through the Hugging Face cache)")  # fmt: skip
+                        "else dome272/wuerstchen's, through the Hugging Face cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_generation_options(args: argparse.Namespace) -> None:
     """The cheap checks of add_generation_options' values, under the options' names."""
-    from wurst import checks
+    from wurst.pipelines import checks
 
     checks.check_size("--height", args.height), checks.check_size("--width", args.width)
     checks.check_count("--num-images", args.num_images)
@@ -103,8 +103,7 @@ def device_and_dtype(args: argparse.Namespace):
     """The torch device and dtype that add_model_options' --device and --dtype ask for (or the defaults)."""
     import torch
 
-    from wurst.pipeline import default_device, default_dtype
-    from wurst.pipeline_base import parse_device
+    from wurst.runtime.devices import default_device, default_dtype, parse_device
 
     device = parse_device(args.device, "--device", allow_meta=False) if args.device else default_device()
     return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
@@ -119,8 +118,8 @@ def check_image_options(args: argparse.Namespace) -> list:
             if getattr(args, option) is not None:
                 raise UsageError(f"--{option.replace('_', '-')} needs --image")
         return []
-    from wurst.pipeline_img2img import check_strength
-    from wurst.preprocess import to_tensor
+    from wurst.pipelines.img2img import check_strength
+    from wurst.pipelines.preprocess import to_tensor
 
     if args.strength is not None:
         check_strength(args.strength, "--strength")
@@ -130,12 +129,12 @@ def check_image_options(args: argparse.Namespace) -> list:
 def check_memory(pipe, args: argparse.Namespace, *, height: int, width: int, num_images: int) -> None:
     """Refuse a generation whose estimated peak memory the device cannot give (unless --force), saying what
     would fit, under the options' names."""
-    from wurst import memory
+    from wurst.runtime import memory
 
     if not args.force:
         memory.check_fits(pipe, height=height, width=width, images_per_prompt=num_images,
                           prior_guidance_scale=args.prior_guidance, decoder_guidance_scale=args.decoder_guidance,
-                          names=memory.CLI_NAMES)  # fmt: skip
+                          names=memory.CLI_NAMES)
 
 
 def slug(prompt: str, length: int = 60) -> str:
@@ -268,7 +267,7 @@ def generation_settings(args: argparse.Namespace, *, prompt: str, negative_promp
         "prior": str(args.prior), "decoder": str(args.decoder), "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "wurst_version": wurst.__version__,
-    }  # fmt: skip
+    }
 
 
 def png_metadata(settings: dict, *, image_index: int, command: list[str]) -> dict[str, str]:
@@ -284,8 +283,8 @@ def run(argv: list[str]) -> list[Path]:
     args = build_parser().parse_args(argv)
     import torch
 
-    from wurst import checks
-    from wurst.pipeline import load_pipeline, prior_schedule
+    from wurst.api import load_pipeline, prior_schedule
+    from wurst.pipelines import checks
 
     # Cheap checks first: arguments, the input images, then the output location. A size warning waits for the
     # memory check, which may refuse the size outright.
@@ -302,15 +301,15 @@ def run(argv: list[str]) -> list[Path]:
     # Loading reads the configs and maps the weights; nothing is computed before the memory check, which comes
     # before the numbered outputs are listed (an absurd --num-images is refused, not listed).
     if inputs:
-        from wurst.pipeline_img2img import load_img2img_pipeline
+        from wurst.pipelines.img2img import load_img2img_pipeline
 
         pipe = load_img2img_pipeline(prior=args.prior, decoder=args.decoder, image_encoder=args.image_encoder,
                                      device=device, dtype=dtype, low_memory=args.low_memory,
-                                     force=args.force)  # fmt: skip
+                                     force=args.force)
         image_options = {"image": inputs, "strength": 0.8 if args.strength is None else args.strength}
     else:
         pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
-                             low_memory=args.low_memory, force=args.force)  # fmt: skip
+                             low_memory=args.low_memory, force=args.force)
         image_options = {}
     check_memory(pipe, args, height=args.height, width=args.width, num_images=count)
     paths = output_paths(args.output, name, seed, count)
@@ -323,14 +322,14 @@ def run(argv: list[str]) -> list[Path]:
             num_images_per_prompt=args.num_images, prior_guidance_scale=args.prior_guidance,
             num_inference_steps=args.decoder_steps, decoder_guidance_scale=args.decoder_guidance,
             generator=torch.Generator("cpu").manual_seed(seed), **prior_schedule(args.prior_steps), **image_options,
-        ).images  # fmt: skip
+        ).images
 
     settings = generation_settings(args, prompt=args.prompt or "", negative_prompt=args.negative_prompt, seed=seed,
                                    height=args.height, width=args.width, num_images=args.num_images,
-                                   device=device, dtype=dtype)  # fmt: skip
+                                   device=device, dtype=dtype)
     if inputs:
         settings.update(image=" ".join(args.image), strength=image_options["strength"],
-                        image_encoder=args.image_encoder or "default")  # fmt: skip
+                        image_encoder=args.image_encoder or "default")
     command = ["python", "-m", "wurst", *argv, *(["--seed", str(seed)] if args.seed is None else [])]
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
         write_png_atomically(image, path, png_metadata(settings, image_index=index, command=command))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ArgumentError
+from wurst.errors import ArgumentError
 
 # The schedule the Würstchen authors recommend for Stage C: 20 steps from 1 to 2/3, then 10 from 2/3 to 0.
 DEFAULT_STAGE_C_TIMESTEPS: list[float] = [float(t) for t in np.linspace(1.0, 2 / 3, 20)] + [
@@ -79,7 +79,7 @@ def randn(
 def ddpm_step(
     x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, noise: torch.Tensor, s: float = 0.008,
     scaler: float = 1.0,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """One reverse step from time t to t_prev (both (B,) tensors) given the predicted noise `eps`."""
     view = (-1,) + (1,) * (x.dim() - 1)
     abar = alpha_cumprod(t, s, scaler).view(view)

@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 
-from . import checks
-from .clip import CLIPTextEncoder
-from .pipeline_base import Generator, ImagePipelineOutput, StepCallback, from_repository
-from .pipeline_decoder import WuerstchenDecoderPipeline
-from .pipeline_prior import WuerstchenPriorPipeline
-from .repository import SchedulerConfig, prior_of, read_repository
-from .stage_a import StageA
-from .stage_b import StageB
-from .stage_c import StageC
-from .tokenizer import CLIPTokenizer
+from wurst.models.clip import CLIPTextEncoder
+from wurst.models.stage_a import StageA
+from wurst.models.stage_b import StageB
+from wurst.models.stage_c import StageC
+from wurst.models.tokenizer import CLIPTokenizer
+from wurst.pipelines import checks
+from wurst.pipelines.base import Generator, ImagePipelineOutput, StepCallback, from_repository
+from wurst.pipelines.decoder import WuerstchenDecoderPipeline
+from wurst.pipelines.prior import WuerstchenPriorPipeline
+from wurst.weights.repository import SchedulerConfig, prior_of, read_repository
 
 
 class WuerstchenCombinedPipeline:
@@ -26,7 +26,7 @@ class WuerstchenCombinedPipeline:
     The components carry diffusers' names: the decoder's plainly, the prior's with a `prior_` prefix."""
 
     _component_names = ("tokenizer", "text_encoder", "decoder", "scheduler", "vqgan", "prior_tokenizer",
-                        "prior_text_encoder", "prior_prior", "prior_scheduler")  # fmt: skip
+                        "prior_text_encoder", "prior_prior", "prior_scheduler")
 
     def __init__(
         self,
@@ -45,7 +45,7 @@ class WuerstchenCombinedPipeline:
 
     @classmethod
     def from_pipes(cls, prior_pipe: WuerstchenPriorPipeline,
-                   decoder_pipe: WuerstchenDecoderPipeline) -> WuerstchenCombinedPipeline:  # fmt: skip
+                   decoder_pipe: WuerstchenDecoderPipeline) -> WuerstchenCombinedPipeline:
         """Join two loaded pipelines, keeping their configs, placement and offload state."""
         pipe = cls.__new__(cls)
         pipe.prior_pipe, pipe.decoder_pipe = prior_pipe, decoder_pipe
@@ -56,7 +56,7 @@ class WuerstchenCombinedPipeline:
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen", *,
         prior_repo: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None,
         low_memory: bool = False, **components,
-    ) -> WuerstchenCombinedPipeline:  # fmt: skip
+    ) -> WuerstchenCombinedPipeline:
         """The decoder repository (hub id or folder) and the prior its model card names under `prior:`, as
         diffusers finds it; `prior_repo` names the prior instead. Components given by name (decoder=...,
         prior_prior=...) replace the loaded ones."""
@@ -115,7 +115,7 @@ class WuerstchenCombinedPipeline:
         self.decoder_pipe.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
-                                      device: torch.device | str | None = None) -> None:  # fmt: skip
+                                      device: torch.device | str | None = None) -> None:
         self.prior_pipe.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
         self.decoder_pipe.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
 
@@ -176,14 +176,14 @@ class WuerstchenCombinedPipeline:
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
             output_type="pt", return_dict=False, callback_on_step_end=prior_callback_on_step_end,
             callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
-        )[0]  # fmt: skip
+        )[0]
         return self.decoder_pipe(
             image_embeddings=embeddings, prompt=prompt if prompt is not None else "",
             num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
             guidance_scale=decoder_guidance_scale, negative_prompt=negative_prompt, generator=generator,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
+        )
 
 
 class AutoPipelineForText2Image:
@@ -195,5 +195,5 @@ class AutoPipelineForText2Image:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
-                        **kwargs) -> WuerstchenCombinedPipeline:  # fmt: skip
+                        **kwargs) -> WuerstchenCombinedPipeline:
         return WuerstchenCombinedPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)

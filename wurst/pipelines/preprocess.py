@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ArgumentError
+from wurst.errors import ArgumentError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +77,7 @@ def _from_float(x: torch.Tensor, name: str) -> torch.Tensor:
     x = x.float()
     if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise ArgumentError(f"{name} holds values outside [0, 1] (min {x.min().item():.3g}, max "
-                            f"{x.max().item():.3g}); float images are expected in [0, 1]")  # fmt: skip
+                            f"{x.max().item():.3g}); float images are expected in [0, 1]")
     return x
 
 
@@ -113,18 +113,18 @@ def to_tensor(image: Any, name: str = "image") -> torch.Tensor:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
             raise ArgumentError(f"{name} is a numpy array of shape {image.shape}; expected (H, W), (H, W, C) or "
-                                "(N, H, W, C) with C = 1, 3 or 4")  # fmt: skip
+                                "(N, H, W, C) with C = 1, 3 or 4")
         if image.dtype not in (np.uint8, np.uint16, np.bool_) and image.dtype.kind != "f":
             raise ArgumentError(f"{name} has dtype {image.dtype}; use uint8, uint16 or floats in [0, 1]")
         x = _from_channels_first(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), name)
     elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
             raise ArgumentError(f"{name} is a tensor of shape {tuple(image.shape)}; expected (C, H, W) or "
-                                "(N, C, H, W) with C = 1, 3 or 4")  # fmt: skip
+                                "(N, C, H, W) with C = 1, 3 or 4")
         x = _from_channels_first(image.detach().cpu(), name)
     else:
         raise ArgumentError(f"{name} must be a PIL image, a numpy array, a tensor or a file path, got "
-                            f"{type(image).__name__}")  # fmt: skip
+                            f"{type(image).__name__}")
     if x.shape[-1] == 0 or x.shape[-2] == 0:
         raise ArgumentError(f"{name} is empty (size {x.shape[-1]}x{x.shape[-2]})")
     return x.float().contiguous()
@@ -153,4 +153,4 @@ def preprocess(images: Sequence[Any], height: int, width: int) -> torch.Tensor:
     count = len(images)
     names = [f"image {i + 1} of {count}" if count > 1 else "image" for i in range(count)]
     return torch.stack([normalize(resize_and_crop(to_tensor(image, name), height, width))
-                        for image, name in zip(images, names, strict=True)])  # fmt: skip
+                        for image, name in zip(images, names, strict=True)])

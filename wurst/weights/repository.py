@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .components import COMPONENTS, check_against_weights, hub_config, load_component
-from .errors import ConfigError, ModelNotFoundError
-from .loader import config_from_dict, read_config, read_json, require_finite, weight_files
-from .tokenizer import CLIPTokenizer
+from wurst.errors import ConfigError, ModelNotFoundError
+from wurst.models.tokenizer import CLIPTokenizer
+from wurst.models.validation import require_finite
+from wurst.weights.configs import config_from_dict, read_config, read_json
+from wurst.weights.safetensors_io import weight_files
+from wurst.weights.spec import COMPONENTS, check_against_weights, hub_config, load_component
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ KINDS = {
                             "warp-ai/wuerstchen-prior"),
     "decoder": RepositoryKind("WuerstchenDecoderPipeline", DecoderPipelineConfig, ("decoder", "vqgan", "text_encoder"),
                               "warp-ai/wuerstchen"),
-}  # fmt: skip
+}
 
 # wurst's own compact layout (written by tools/convert_weights.py): one folder per repository holding
 # wurst.json (every config), one safetensors file per model under wurst's module names, and tokenizer/.
@@ -120,14 +122,14 @@ class Repository:
 
     def load(self, component: str, *, dtype: torch.dtype | None, device: torch.device | str | None) -> nn.Module:
         return load_component(component, config=self.configs[component], files=self.files[component],
-                              converted=self.converted, dtype=dtype, device=device)  # fmt: skip
+                              converted=self.converted, dtype=dtype, device=device)
 
 
 def read_repository(ref: str | os.PathLike, kind: str) -> Repository:
     """Find, check and read a prior or decoder repository (hub id or local directory, either layout)."""
     components = KINDS[kind].components
     patterns = [CONVERTED_INDEX, MODEL_CARD, "model_index.json", "tokenizer/*", "scheduler/*",
-                *(f"{COMPONENTS[c].folder}/*" for c in components)]  # fmt: skip
+                *(f"{COMPONENTS[c].folder}/*" for c in components)]
     folder = resolve(ref, allow_patterns=patterns)
     return read_converted(folder, kind) if (folder / CONVERTED_INDEX).is_file() else read_hub(folder, kind)
 
@@ -141,7 +143,7 @@ def read_hub(folder: Path, kind: str) -> Repository:
     files = {c: weight_files(folder / COMPONENTS[c].folder, COMPONENTS[c].file_stem) for c in spec.components}
     for c in spec.components:
         check_against_weights(c, config=configs[c], files=files[c],
-                              config_source=str(folder / COMPONENTS[c].folder / "config.json"))  # fmt: skip
+                              config_source=str(folder / COMPONENTS[c].folder / "config.json"))
     tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
     check_tokenizer(tokenizer, configs["text_encoder"], str(folder / "text_encoder" / "config.json"))
     return Repository(
@@ -175,7 +177,7 @@ def read_converted(folder: Path, kind: str) -> Repository:
         configs[component] = config_from_dict(spec.config_cls, index["models"][spec.converted_name], source)
         files[component] = [folder / f"{spec.converted_name}.safetensors"]
         check_against_weights(component, config=configs[component], files=files[component], converted=True,
-                              config_source=source)  # fmt: skip
+                              config_source=source)
     tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
     check_tokenizer(tokenizer, configs["text_encoder"], f"{index_path} (models.text_encoder)")
     return Repository(
@@ -195,10 +197,10 @@ def check_tokenizer(tokenizer: CLIPTokenizer, config, source: str) -> None:
     ids = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
     if ids > config.vocab_size:
         raise ConfigError(f"{source}: the field 'vocab_size' is {config.vocab_size}, but the tokenizer gives ids up to "
-                          f"{ids - 1}")  # fmt: skip
+                          f"{ids - 1}")
     if tokenizer.max_length > config.max_position_embeddings:
         raise ConfigError(f"{source}: the field 'max_position_embeddings' is {config.max_position_embeddings}, but the "
-                          f"tokenizer pads prompts to {tokenizer.max_length} tokens")  # fmt: skip
+                          f"tokenizer pads prompts to {tokenizer.max_length} tokens")
 
 
 def check_repo(folder: Path, kind: str, folders: list[str]) -> dict:

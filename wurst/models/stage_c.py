@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
-from .errors import ConfigError
-from .loader import KeyMap, require_heads_divide, require_positive
+from wurst.models.blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
+from wurst.models.validation import check_r_width, require_heads_divide, require_positive
 
 
 @dataclass(frozen=True)
@@ -29,12 +28,6 @@ class StageCConfig:
         require_positive(self, "c_in", "c", "c_cond", "c_r", "depth")
         require_heads_divide("c", self.c, "nhead", self.nhead)
         check_r_width(self.c_r)
-
-
-def check_r_width(c_r: int) -> None:
-    """The r-embedding spaces its frequencies by half - 1, so it needs two sine-cosine pairs at least."""
-    if c_r < 4:
-        raise ConfigError(f"the field 'c_r' must be at least 4, got {c_r}")
 
 
 class StageC(nn.Module):
@@ -75,22 +68,3 @@ class StageC(nn.Module):
         return (x - a) / ((1 - b).abs() + 1e-5)
 
 
-# Hub (diffusers) names -> our names. `{}` is a block index or weight/bias/gamma/beta.
-CHECKPOINT_KEYS = KeyMap(
-    [
-        ("projection.{}", "projection.{}"),
-        ("cond_mapper.0.{}", "cond_in.{}"),
-        ("cond_mapper.2.{}", "cond_out.{}"),
-        ("blocks.{}.depthwise.{}", "blocks.{}.depthwise.{}"),
-        ("blocks.{}.channelwise.0.{}", "blocks.{}.mlp_in.{}"),
-        ("blocks.{}.channelwise.2.{}", "blocks.{}.grn.{}"),
-        ("blocks.{}.channelwise.4.{}", "blocks.{}.mlp_out.{}"),
-        ("blocks.{}.mapper.{}", "blocks.{}.mapper.{}"),
-        ("blocks.{}.kv_mapper.1.{}", "blocks.{}.cond_proj.{}"),
-        ("blocks.{}.attention.to_q.{}", "blocks.{}.q_proj.{}"),
-        ("blocks.{}.attention.to_k.{}", "blocks.{}.k_proj.{}"),
-        ("blocks.{}.attention.to_v.{}", "blocks.{}.v_proj.{}"),
-        ("blocks.{}.attention.to_out.0.{}", "blocks.{}.out_proj.{}"),
-        ("out.1.{}", "head.{}"),
-    ]
-)

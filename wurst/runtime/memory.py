@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .components import COMPONENTS, expected_state
-from .errors import ArgumentError, InsufficientMemoryError
-from .offload import OnDemand
+from wurst.errors import ArgumentError, InsufficientMemoryError
+from wurst.runtime.offload import OnDemand
+from wurst.weights.spec import COMPONENTS, expected_state
 
 GB = 1e9
 TOKENS = 77  # the text states every stage attends to
@@ -103,7 +103,7 @@ def _stage_a(cfg, side: tuple[int, int], images: int, e: int) -> int:
 
 def estimate(pipe, *, height: int, width: int, prompts: int = 1, images_per_prompt: int = 1,
              prior_guidance_scale: float = 4.0, decoder_guidance_scale: float = 0.0,
-             low_memory: bool | None = None) -> Estimate:  # fmt: skip
+             low_memory: bool | None = None) -> Estimate:
     """The peak of each stage of `pipe` (a WuerstchenCombinedPipeline) for this request, in `pipe`'s dtype.
     low_memory=None takes the pipeline's own mode; True or False estimates the other mode."""
     prior, decoder = pipe.prior_pipe, pipe.decoder_pipe
@@ -130,7 +130,7 @@ def estimate(pipe, *, height: int, width: int, prompts: int = 1, images_per_prom
     }
     everything = sum(weights.values())
     return Estimate(tuple(StageNeed(name, weights[name] if low_memory else everything, activations[name])
-                          for name in models))  # fmt: skip
+                          for name in models))
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -166,7 +166,7 @@ API_NAMES = {"force": "force=True", "low_memory": "low_memory=True", "images": "
 
 def check_fits(pipe, *, height: int, width: int, prompts: int = 1, images_per_prompt: int = 1,
                prior_guidance_scale: float = 4.0, decoder_guidance_scale: float = 0.0,
-               names: dict[str, str] = API_NAMES) -> Estimate | None:  # fmt: skip
+               names: dict[str, str] = API_NAMES) -> Estimate | None:
     """Refuse, in one line, a request whose estimated peak is over what the pipeline's device has: what it needs,
     what there is, and what would fit. Returns the estimate (None where the device cannot say what it has)."""
     device = pipe.prior_pipe._execution_device
@@ -174,7 +174,7 @@ def check_fits(pipe, *, height: int, width: int, prompts: int = 1, images_per_pr
     if free is None:
         return None
     request = dict(prompts=prompts, prior_guidance_scale=prior_guidance_scale,
-                   decoder_guidance_scale=decoder_guidance_scale)  # fmt: skip
+                   decoder_guidance_scale=decoder_guidance_scale)
     low_memory = isinstance(pipe.prior_pipe.prior, OnDemand)
     if device.type == "cuda" and not low_memory:  # resident weights are on the device already: free excludes them
         free += sum(model_bytes(m, pipe.dtype) for m in _models(pipe))
@@ -224,7 +224,7 @@ def check_latent_grid(pipe, *, height: int, width: int) -> None:
         side = pipe.decoder_pipe.latent_size(*pipe.prior_pipe.latent_size(height, width))
         raise ArgumentError(f"{height}x{width} gives a Stage B latent of {side[0]}x{side[1]}, and the decoder needs "
                             f"sides that are multiples of {cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)}: choose a "
-                            "smaller size")  # fmt: skip
+                            "smaller size")
 
 
 def check_weights_fit(pipe, device: torch.device, names: dict[str, str] = API_NAMES) -> None:

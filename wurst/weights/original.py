@@ -14,11 +14,12 @@ The original names equal the hub names but for two things, which diffusers' scri
 translated: attention is an nn.MultiheadAttention (`attention.attn.in_proj_weight`/`in_proj_bias`, q, k, v
 stacked along dim 0, and `attention.attn.out_proj`), and the VQGAN codebook is `vquantizer.codebook`.
 
-    from wurst import stage_c
-    from wurst.loader import config_from_dict, load_module
+    from wurst.models import stage_c
+    from wurst.weights.configs import config_from_dict
+    from wurst.weights.load import load_module
     state = read_original("model_v2_stage_c.pt", "prior")
     cfg = config_from_dict(stage_c.StageCConfig, original_config("prior", state), "model_v2_stage_c.pt")
-    model = load_module(lambda: stage_c.StageC(cfg), state, stage_c.CHECKPOINT_KEYS, "model_v2_stage_c.pt")
+    model = load_module(lambda: stage_c.StageC(cfg), state, STAGE_C_KEYS, "model_v2_stage_c.pt")
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from typing import Any
 
 import torch
 
-from wurst.components import COMPONENTS
 from wurst.errors import CheckpointError, ConfigError, ModelNotFoundError
+from wurst.weights.spec import COMPONENTS
 
 KINDS = tuple(name for name in COMPONENTS if name != "text_encoder")  # the three stages
 
@@ -67,7 +68,7 @@ RENAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "vqgan": {"vquantizer.codebook.weight": ("vquantizer.embedding.weight",)},
 }
 
-_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "warp-ai"
+_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "warp-ai"  # TODO package data
 PUBLISHED_CONFIGS = {
     "prior": _CONFIGS / "wuerstchen-prior" / "prior" / "config.json",
     "decoder": _CONFIGS / "wuerstchen" / "decoder" / "config.json",

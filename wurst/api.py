@@ -14,45 +14,23 @@ from collections.abc import Callable
 
 import torch
 
-from . import checks, memory
-from .errors import GenerationStopped
-from .pipeline_base import parse_device
-from .pipeline_combined import WuerstchenCombinedPipeline
-from .pipeline_decoder import WuerstchenDecoderPipeline
-from .pipeline_prior import WuerstchenPriorPipeline
-from .sampler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst.errors import GenerationStopped
+from wurst.pipelines import checks
+from wurst.pipelines.combined import WuerstchenCombinedPipeline
+from wurst.pipelines.decoder import WuerstchenDecoderPipeline
+from wurst.pipelines.prior import WuerstchenPriorPipeline
+from wurst.runtime import memory
+from wurst.runtime.devices import default_device, default_dtype, parse_device
+from wurst.sampler import DEFAULT_STAGE_C_TIMESTEPS
 
 DEFAULT_PRIOR, DEFAULT_DECODER = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware, read from the CPUID flags that PyTorch's cpuinfo
-    reports: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake) or AMX tiles (Intel Sapphire Rapids and later,
-    whose AMX-BF16 comes with them); and oneDNN, whose kernels use them, is in this build. Elsewhere bfloat16 is
-    emulated and slower than float32 (Arm CPUs included: not measured, so not assumed)."""
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # a PyTorch without these private probes
-        return False
-    return bool(native) and torch.backends.mkldnn.is_available()
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA and on CPUs with native bfloat16 matmuls (about 2.4x float32's rate there), else float32."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bfloat16()):
-        return torch.bfloat16
-    return torch.float32
 
 
 def load_pipeline(
     *, prior: str | os.PathLike = DEFAULT_PRIOR, decoder: str | os.PathLike = DEFAULT_DECODER,
     device: torch.device | str | None = None, dtype: torch.dtype | None = None, low_memory: bool | None = None,
     force: bool = False,
-) -> WuerstchenCombinedPipeline:  # fmt: skip
+) -> WuerstchenCombinedPipeline:
     """The combined pipeline of a prior and a decoder repository, on `device` (default: CUDA when available)
     in `dtype` (default_dtype: bfloat16 on CUDA and on CPUs with native bfloat16 matmuls, else float32).
     low_memory=True loads each model only while it runs, False keeps all five loaded; by default low-memory on the
@@ -62,7 +40,7 @@ def load_pipeline(
     dtype = dtype or default_dtype(device)
     low_memory = default_low_memory(device) if low_memory is None else low_memory
     pipe = WuerstchenCombinedPipeline.from_pretrained(decoder, prior_repo=prior, torch_dtype=dtype,
-                                                      low_memory=low_memory)  # fmt: skip
+                                                      low_memory=low_memory)
     if not force and device.type != "cpu":  # on the CPU they are already where they run: mapped, not copied
         memory.check_weights_fit(pipe, device)
     return pipe.to(device)
@@ -82,7 +60,7 @@ def prior_schedule(steps: int | None = None, timesteps: list[float] | None = Non
 
 @functools.lru_cache(maxsize=1)  # one pipeline at a time: each holds several GB
 def _cached_pipeline(prior: str, decoder: str, device: torch.device, dtype: torch.dtype | None, low_memory: bool,
-                     force: bool) -> WuerstchenCombinedPipeline:  # fmt: skip
+                     force: bool) -> WuerstchenCombinedPipeline:
     return load_pipeline(prior=prior, decoder=decoder, device=device, dtype=dtype, low_memory=low_memory, force=force)
 
 
@@ -118,7 +96,7 @@ def generate(
                    prior_guidance_scale=checks.check_guidance("prior_guidance_scale",
                                                               kwargs.get("prior_guidance_scale", 4.0)),
                    decoder_guidance_scale=checks.check_guidance("decoder_guidance_scale",
-                                                                kwargs.get("decoder_guidance_scale", 0.0)))  # fmt: skip
+                                                                kwargs.get("decoder_guidance_scale", 0.0)))
     pipe = _cached_pipeline(str(prior), str(decoder), device, dtype, low_memory, force)
     if not force:
         memory.check_fits(pipe, **request)
@@ -183,7 +161,7 @@ class Prior(_Stage):
 
     def __call__(self, prompt, height=1024, width=1024, negative_prompt=None, num_images_per_prompt=1,
                  num_inference_steps=None, timesteps=None, guidance_scale=4.0, generator=None, latents=None,
-                 callback_on_step_end: OldStepCallback | None = None) -> torch.Tensor:  # fmt: skip
+                 callback_on_step_end: OldStepCallback | None = None) -> torch.Tensor:
         if num_inference_steps is None and timesteps is None:
             timesteps = DEFAULT_STAGE_C_TIMESTEPS
         return self.pipe(
@@ -191,7 +169,7 @@ class Prior(_Stage):
             num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
             timesteps=timesteps, guidance_scale=guidance_scale, generator=generator, latents=latents,
             callback_on_step_end=step_callback(callback_on_step_end, "prior"),
-        ).image_embeddings  # fmt: skip
+        ).image_embeddings
 
 
 class Decoder(_Stage):
@@ -201,13 +179,13 @@ class Decoder(_Stage):
 
     def __call__(self, image_embeddings, prompt="", negative_prompt=None, num_images_per_prompt=1,
                  num_inference_steps=12, timesteps=None, guidance_scale=0.0, generator=None, latents=None,
-                 output_type="pt", callback_on_step_end: OldStepCallback | None = None):  # fmt: skip
+                 output_type="pt", callback_on_step_end: OldStepCallback | None = None):
         return self.pipe(
             image_embeddings, prompt=prompt, negative_prompt=negative_prompt,
             num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
             timesteps=timesteps, guidance_scale=guidance_scale, generator=generator, latents=latents,
             output_type=output_type, callback_on_step_end=step_callback(callback_on_step_end, "decoder"),
-        ).images  # fmt: skip
+        ).images
 
 
 class Pipeline:
@@ -220,9 +198,9 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, prior: str | os.PathLike = DEFAULT_PRIOR, decoder: str | os.PathLike = DEFAULT_DECODER,
-                        device=None, dtype=None, low_memory: bool = False) -> Pipeline:  # fmt: skip
+                        device=None, dtype=None, low_memory: bool = False) -> Pipeline:
         return cls(Prior.from_pretrained(prior, device, dtype, low_memory),
-                   Decoder.from_pretrained(decoder, device, dtype, low_memory), str(prior), str(decoder))  # fmt: skip
+                   Decoder.from_pretrained(decoder, device, dtype, low_memory), str(prior), str(decoder))
 
     def compile(self, **options) -> Pipeline:
         """torch.compile both denoisers in place (fullgraph=True; `options` go to torch.compile)."""
@@ -235,7 +213,7 @@ class Pipeline:
     def __call__(self, prompt, height=1024, width=1024, negative_prompt=None, num_images_per_prompt=1,
                  prior_num_inference_steps=None, prior_timesteps=None, prior_guidance_scale=4.0,
                  num_inference_steps=12, decoder_timesteps=None, decoder_guidance_scale=0.0, generator=None,
-                 output_type="pil", callback_on_step_end: OldStepCallback | None = None):  # fmt: skip
+                 output_type="pil", callback_on_step_end: OldStepCallback | None = None):
         combined = WuerstchenCombinedPipeline.from_pipes(self.prior.pipe, self.decoder.pipe)
         return combined(
             prompt, height=height, width=width, negative_prompt=negative_prompt,
@@ -245,4 +223,4 @@ class Pipeline:
             decoder_guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
             prior_callback_on_step_end=step_callback(callback_on_step_end, "prior"),
             callback_on_step_end=step_callback(callback_on_step_end, "decoder"),
-        ).images  # fmt: skip
+        ).images

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Linear
-from .errors import ConfigError
-from .loader import KeyMap, require_finite, require_positive
+from wurst.errors import ConfigError
+from wurst.models.blocks import Linear
+from wurst.models.validation import require_finite, require_positive
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,13 @@ class StageAConfig:
 
     def __post_init__(self):
         require_positive(self, "in_channels", "out_channels", "up_down_scale_factor", "levels", "embed_dim",
-                         "latent_channels", "num_vq_embeddings")  # fmt: skip
+                         "latent_channels", "num_vq_embeddings")
         if self.bottleneck_blocks < 0:
             raise ConfigError(f"the field 'bottleneck_blocks' must be 0 or more, got {self.bottleneck_blocks}")
         # Each level halves the width. (An absurd level count is left to the check against the weights.)
         if self.levels <= 32 and self.embed_dim % 2 ** (self.levels - 1):
             raise ConfigError(f"the field 'embed_dim' ({self.embed_dim}) must be divisible by 2 ** (levels - 1) "
-                              f"(levels is {self.levels})")  # fmt: skip
+                              f"(levels is {self.levels})")
         require_finite(self, "scale_factor")
         if self.scale_factor <= 0:
             raise ConfigError(f"the field 'scale_factor' must be positive, got {self.scale_factor}")
@@ -134,22 +134,3 @@ class StageA(nn.Module):
         return F.pixel_shuffle(self.out_conv(h), self.config.up_down_scale_factor).contiguous()
 
 
-# Hub (diffusers) names -> our names. `{}` is a layer index or weight/bias/running_mean/...
-CHECKPOINT_KEYS = KeyMap(
-    [
-        ("in_block.1.{}", "in_conv.{}"),
-        ("down_blocks.{}.depthwise.1.{}", "down.{}.depthwise.{}"),
-        ("down_blocks.{}.channelwise.0.{}", "down.{}.mlp_in.{}"),
-        ("down_blocks.{}.channelwise.2.{}", "down.{}.mlp_out.{}"),
-        ("down_blocks.{}.0.{}", "down.{}.conv.{}"),  # ToLatent
-        ("down_blocks.{}.1.{}", "down.{}.norm.{}"),
-        ("down_blocks.{}.{}", "down.{}.{}"),  # strided convs, and the gammas
-        ("vquantizer.embedding.weight", "codebook.weight"),
-        ("up_blocks.0.0.{}", "up.0.{}"),
-        ("up_blocks.{}.depthwise.1.{}", "up.{}.depthwise.{}"),
-        ("up_blocks.{}.channelwise.0.{}", "up.{}.mlp_in.{}"),
-        ("up_blocks.{}.channelwise.2.{}", "up.{}.mlp_out.{}"),
-        ("up_blocks.{}.{}", "up.{}.{}"),  # transposed convs, and the gammas
-        ("out_block.0.{}", "out_conv.{}"),
-    ]
-)

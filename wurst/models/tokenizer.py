@@ -16,8 +16,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .errors import ConfigError, ModelNotFoundError
-from .loader import read_json
+from wurst.errors import ConfigError, ModelNotFoundError
+from wurst.weights.configs import read_json
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length, when the folder does not say
@@ -48,18 +48,18 @@ def _tokenizer_from_vocab(folder: Path, unk: str) -> Tokenizer:
     if any(len(m) != 2 for m in merges):
         raise ConfigError(f"{merges_path} is malformed: every line must hold two symbols")
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, continuing_subword_prefix="",
-                        end_of_word_suffix="</w>", fuse_unk=False))  # fmt: skip
+                        end_of_word_suffix="</w>", fuse_unk=False))
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
          pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )  # fmt: skip
+    )
     tok.decoder = decoders.ByteLevel()
     # Arguments: sep (end), cls (start), trim_offsets, add_prefix_space.
     tok.post_processor = processors.RobertaProcessing((EOS, tok.token_to_id(EOS)), (BOS, tok.token_to_id(BOS)),
-                                                      False, False)  # fmt: skip
+                                                      False, False)
     return tok
 
 

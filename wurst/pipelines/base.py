@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import sampler
-from .errors import ArgumentError, NumericalError
-from .heap import kept_heap
-from .offload import Offloaded, OnDemand
-from .repository import KINDS, Repository, SchedulerConfig
-from .tokenizer import CLIPTokenizer
+from wurst import sampler
+from wurst.errors import ArgumentError, NumericalError
+from wurst.models.tokenizer import CLIPTokenizer
+from wurst.runtime.devices import available_devices, parse_device
+from wurst.runtime.heap import kept_heap
+from wurst.runtime.offload import Offloaded, OnDemand
+from wurst.weights.repository import KINDS, Repository, SchedulerConfig
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 # diffusers' form: callback(pipeline, step index, timestep, {name: tensor}) -> {name: replacement tensor}
@@ -45,39 +46,6 @@ class WuerstchenPriorPipelineOutput(BaseOutput):
 @dataclass
 class ImagePipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
-
-
-def parse_device(device: torch.device | str | int, argument: str = "device", allow_meta: bool = True) -> torch.device:
-    """A device torch knows and this machine has; otherwise one line naming the devices that are there. The meta
-    device (no data: it stands in for an accelerator in tests) only where `allow_meta`."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ArgumentError(f"{argument} {device!r} is not a device torch knows; {available_devices()}") from e
-    if parsed.type == "meta" and allow_meta:
-        return parsed
-    count = device_counts().get(parsed.type, 0)
-    if count == 0 or (parsed.index or 0) >= count:
-        raise ArgumentError(f"{argument} {device!r} is not on this machine; {available_devices()}")
-    return parsed
-
-
-def device_counts() -> dict[str, int]:
-    """The kinds of device this machine has, and how many of each."""
-    counts = {"cpu": 1}
-    if torch.cuda.is_available():
-        counts["cuda"] = torch.cuda.device_count()
-    if torch.backends.mps.is_available():
-        counts["mps"] = 1
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        counts["xpu"] = xpu.device_count()
-    return counts
-
-
-def available_devices() -> str:
-    names = [kind if kind in ("cpu", "mps") else f"{kind}:{i}" for kind, n in device_counts().items() for i in range(n)]
-    return "devices here: " + ", ".join(names)
 
 
 class PipelineBase:
@@ -137,14 +105,14 @@ class PipelineBase:
             device = parse_device(device)
         if self._offloaded and device is not None:
             raise ArgumentError("this pipeline offloads its models to the CPU (enable_*_cpu_offload): it moves them "
-                                "itself, so it cannot be moved with .to(device)")  # fmt: skip
+                                "itself, so it cannot be moved with .to(device)")
         for name in self._models:
             model = getattr(self, name)
             if isinstance(model, OnDemand):
                 model.to(device, dtype)
             elif name in self._offloaded:
                 self._offloaded[name] = Offloaded(self._offloaded[name].restore().to(dtype=dtype),
-                                                  self._offloaded[name].sequential)  # fmt: skip
+                                                  self._offloaded[name].sequential)
             else:
                 model.to(device=device, dtype=dtype)
         return self
@@ -156,7 +124,7 @@ class PipelineBase:
         self._enable_offload(gpu_id, device, sequential=False, method="enable_model_cpu_offload")
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
-                                      device: torch.device | str | None = None) -> None:  # fmt: skip
+                                      device: torch.device | str | None = None) -> None:
         """Keep every model in CPU RAM and stream its layers to the accelerator one at a time as they run:
         the least device memory, the slowest."""
         self._enable_offload(gpu_id, device, sequential=True, method="enable_sequential_cpu_offload")
@@ -165,7 +133,7 @@ class PipelineBase:
         if device is None:
             if not torch.cuda.is_available():
                 raise ArgumentError(f"{method} needs an accelerator and this machine has none ({available_devices()}); "
-                                    "run without offload, or pass device=... to choose one")  # fmt: skip
+                                    "run without offload, or pass device=... to choose one")
             device = f"cuda:{gpu_id or 0}"
         self._offload_device = parse_device(device, f"{method}: device")
         for name in self._models:
@@ -247,7 +215,7 @@ class PipelineBase:
                 bar.update()
         if not torch.isfinite(result).all():
             raise NumericalError(f"the {self._stage_name} latents hold NaN or inf (in {result.dtype}; float16 "
-                                 "overflows in this model): use bfloat16 or float32")  # fmt: skip
+                                 "overflows in this model): use bfloat16 or float32")
         return result
 
     @property
@@ -280,7 +248,7 @@ def convert_images(images: torch.Tensor, output_type: str):
 
 
 def from_repository(cls, repo: Repository, *, torch_dtype: torch.dtype | None, low_memory: bool,
-                    components: dict[str, Any]):  # fmt: skip
+                    components: dict[str, Any]):
     """Build pipeline class `cls` from a read repository, on the CPU in `torch_dtype` (float32 by default, as
     in diffusers); components passed by name replace the repository's."""
     unknown = sorted(set(components) - set(cls._component_names))

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Linear
-from .errors import ConfigError
-from .loader import KeyMap, require_finite, require_heads_divide, require_positive
+from wurst.errors import ConfigError
+from wurst.models.blocks import Linear
+from wurst.models.validation import require_finite, require_heads_divide, require_positive
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "max_position_embeddings")  # fmt: skip
+                         "max_position_embeddings")
         require_heads_divide("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         require_finite(self, "layer_norm_eps")
         if self.layer_norm_eps <= 0:
@@ -97,23 +97,3 @@ class CLIPTextEncoder(nn.Module):
         return self.final_norm(x)
 
 
-# Hub names -> our names. `{}` is a layer number or weight/bias. The hub files (transformers 4) prefix every
-# name with "text_model."; transformers 5 saves without it. Both load.
-CHECKPOINT_KEYS = KeyMap(
-    [
-        ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
-        ("text_model.embeddings.position_embedding.weight", "position_embedding.weight"),
-        ("text_model.encoder.layers.{}.layer_norm1.{}", "layers.{}.norm1.{}"),
-        ("text_model.encoder.layers.{}.self_attn.q_proj.{}", "layers.{}.q_proj.{}"),
-        ("text_model.encoder.layers.{}.self_attn.k_proj.{}", "layers.{}.k_proj.{}"),
-        ("text_model.encoder.layers.{}.self_attn.v_proj.{}", "layers.{}.v_proj.{}"),
-        ("text_model.encoder.layers.{}.self_attn.out_proj.{}", "layers.{}.out_proj.{}"),
-        ("text_model.encoder.layers.{}.layer_norm2.{}", "layers.{}.norm2.{}"),
-        ("text_model.encoder.layers.{}.mlp.fc1.{}", "layers.{}.fc1.{}"),
-        ("text_model.encoder.layers.{}.mlp.fc2.{}", "layers.{}.fc2.{}"),
-        ("text_model.final_layer_norm.{}", "final_norm.{}"),
-    ],
-    # Older exports write the position-id buffer; it is just arange(77).
-    ignore=["text_model.embeddings.position_ids"],
-    optional_prefix="text_model.",
-)

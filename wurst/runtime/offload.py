@@ -22,7 +22,7 @@ class OnDemand:
     it."""
 
     def __init__(self, config, load: Callable[..., nn.Module], device: torch.device,
-                 dtype: torch.dtype):  # fmt: skip
+                 dtype: torch.dtype):
         self.config, self.load, self.device, self.dtype = config, load, device, dtype
 
     def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> OnDemand:
@@ -70,7 +70,7 @@ class Offloaded:
     def __init__(self, module: nn.Module, sequential: bool):
         self.module, self.sequential = module, sequential
         self.home = {sub: moved({n: t for n, t in own_tensors(sub).items() if t is not None}, "cpu")
-                     for sub in module.modules()}  # fmt: skip
+                     for sub in module.modules()}
         self.hooks = []
         self._park()
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import ArgumentError
-from .sampler import make_timesteps
+from wurst.errors import ArgumentError
+from wurst.sampler import make_timesteps
 
 SIZE_MULTIPLE = 128  # what both U-Nets' resampling needs of an image side
 LARGEST_TRAINED = 2048
@@ -32,7 +32,7 @@ def check_size(name: str, value: int, warn: bool = True) -> int:
         raise ArgumentError(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}: use {nearest}")
     if value > LARGEST_TRAINED and warn:
         warnings.warn(f"{name} {value} is over {LARGEST_TRAINED}, beyond what Würstchen was used at; expect "
-                      "repeated or broken structure", LargeSizeWarning, stacklevel=3)  # fmt: skip
+                      "repeated or broken structure", LargeSizeWarning, stacklevel=3)
     return value
 
 
@@ -97,7 +97,7 @@ def check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_em
         if prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ArgumentError("`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed "
                                 f"directly, but got {tuple(prompt_embeds.shape)} != "
-                                f"{tuple(negative_prompt_embeds.shape)}")  # fmt: skip
+                                f"{tuple(negative_prompt_embeds.shape)}")
     if prompt is not None:
         as_prompt_list(prompt)
 

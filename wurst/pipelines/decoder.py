@@ -8,10 +8,14 @@ import os
 import numpy as np
 import torch
 
-from . import checks, sampler
-from .clip import CLIPTextEncoder
-from .errors import ArgumentError, NumericalError
-from .pipeline_base import (
+from wurst import sampler
+from wurst.errors import ArgumentError, NumericalError
+from wurst.models.clip import CLIPTextEncoder
+from wurst.models.stage_a import StageA
+from wurst.models.stage_b import StageB
+from wurst.models.tokenizer import CLIPTokenizer
+from wurst.pipelines import checks
+from wurst.pipelines.base import (
     Generator,
     ImagePipelineOutput,
     PipelineBase,
@@ -20,10 +24,7 @@ from .pipeline_base import (
     from_repository,
     output,
 )
-from .repository import DecoderPipelineConfig, SchedulerConfig, read_repository
-from .stage_a import StageA
-from .stage_b import StageB
-from .tokenizer import CLIPTokenizer
+from wurst.weights.repository import DecoderPipelineConfig, SchedulerConfig, read_repository
 
 
 class WuerstchenDecoderPipeline(PipelineBase):
@@ -53,7 +54,7 @@ class WuerstchenDecoderPipeline(PipelineBase):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen", *,
         torch_dtype: torch.dtype | None = None, low_memory: bool = False, **components,
-    ) -> WuerstchenDecoderPipeline:  # fmt: skip
+    ) -> WuerstchenDecoderPipeline:
         """A decoder repository: hub id (through the Hugging Face cache) or local folder, hub or converted
         layout. Components given by name (decoder=..., vqgan=...) are used instead of the repository's.
         low_memory=True loads each model only while it runs."""
@@ -106,13 +107,13 @@ class WuerstchenDecoderPipeline(PipelineBase):
         prompts = checks.as_prompt_list("" if prompt is None else prompt)
         if embeddings.shape[0] % len(prompts):
             raise ArgumentError(f"prompt has {len(prompts)} entries, which does not divide the "
-                                f"{embeddings.shape[0]} image embeddings")  # fmt: skip
+                                f"{embeddings.shape[0]} image embeddings")
         n = checks.check_count("num_images_per_prompt", num_images_per_prompt)
         guidance = checks.check_guidance("guidance_scale", guidance_scale)
         steps = checks.check_steps("num_inference_steps", num_inference_steps, "timesteps", timesteps)
         checks.check_output_type(output_type, (*checks.OUTPUT_TYPES, "latent"))
         names = checks.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs,
-                                             "callback_on_step_end_tensor_inputs")  # fmt: skip
+                                             "callback_on_step_end_tensor_inputs")
         shape = (embeddings.shape[0] * n, self.decoder.config.c_in, *self.latent_size(*embeddings.shape[-2:]))
         checks.check_latents(latents, shape)
         guided = guidance > 1
@@ -147,7 +148,7 @@ class WuerstchenDecoderPipeline(PipelineBase):
                 model=sampler.guided(model, guidance) if guided else model, latents=latents, timesteps=steps,
                 generator=generator, scheduler=self.scheduler, callback=callback_on_step_end, callback_inputs=names,
                 tensors=tensors, on_edit=on_edit,
-            )  # fmt: skip
+            )
         if output_type == "latent":
             return output(latents, return_dict, ImagePipelineOutput)
         return output(convert_images(self.decode(latents), output_type), return_dict, ImagePipelineOutput)
@@ -159,5 +160,5 @@ class WuerstchenDecoderPipeline(PipelineBase):
             images = vqgan.decode(latents.to(self._execution_device, self.dtype) * vqgan.config.scale_factor)
         if not torch.isfinite(images).all():  # clamp would quietly turn NaN into black pixels
             raise NumericalError(f"the Stage A (VQGAN) images hold NaN or inf (in {images.dtype}): "
-                                 "use bfloat16 or float32, and check the vqgan weights")  # fmt: skip
+                                 "use bfloat16 or float32, and check the vqgan weights")
         return images.clamp(0, 1)

@@ -8,12 +8,20 @@ from collections.abc import Sequence
 
 import torch
 
-from . import checks, sampler
-from .clip import CLIPTextEncoder
-from .pipeline_base import Generator, PipelineBase, StepCallback, WuerstchenPriorPipelineOutput, from_repository, output
-from .repository import PriorPipelineConfig, SchedulerConfig, read_repository
-from .stage_c import StageC
-from .tokenizer import CLIPTokenizer
+from wurst import sampler
+from wurst.models.clip import CLIPTextEncoder
+from wurst.models.stage_c import StageC
+from wurst.models.tokenizer import CLIPTokenizer
+from wurst.pipelines import checks
+from wurst.pipelines.base import (
+    Generator,
+    PipelineBase,
+    StepCallback,
+    WuerstchenPriorPipelineOutput,
+    from_repository,
+    output,
+)
+from wurst.weights.repository import PriorPipelineConfig, SchedulerConfig, read_repository
 
 
 class WuerstchenPriorPipeline(PipelineBase):
@@ -43,7 +51,7 @@ class WuerstchenPriorPipeline(PipelineBase):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen-prior", *,
         torch_dtype: torch.dtype | None = None, low_memory: bool = False, **components,
-    ) -> WuerstchenPriorPipeline:  # fmt: skip
+    ) -> WuerstchenPriorPipeline:
         """A prior repository: hub id (through the Hugging Face cache) or local folder, hub or converted layout.
         Components given by name (prior=..., text_encoder=...) are used instead of the repository's.
         low_memory=True loads each model only while it runs."""
@@ -58,7 +66,7 @@ class WuerstchenPriorPipeline(PipelineBase):
         self, *, prompt: list[str] | None, negative_prompt: str | Sequence[str] | None,
         prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None,
         num_images_per_prompt: int, guided: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prompt states, negative states or None), each with num_images_per_prompt rows per prompt."""
         count = len(prompt) if prompt is not None else prompt_embeds.shape[0]
         negatives = checks.negative_prompts(negative_prompt, count) if guided and negative_prompt_embeds is None else []
@@ -105,7 +113,7 @@ class WuerstchenPriorPipeline(PipelineBase):
         steps = checks.check_steps("num_inference_steps", num_inference_steps, "timesteps", timesteps)
         checks.check_output_type(output_type, ("pt", "np"))
         names = checks.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs,
-                                             "callback_on_step_end_tensor_inputs")  # fmt: skip
+                                             "callback_on_step_end_tensor_inputs")
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         shape = (batch * n, self.prior.config.c_in, *self.latent_size(height, width))
         checks.check_latents(latents, shape)
@@ -116,7 +124,7 @@ class WuerstchenPriorPipeline(PipelineBase):
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt=prompts, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=n, guided=guided,
-        )  # fmt: skip
+        )
         text = torch.cat([prompt_embeds, negative_prompt_embeds]) if guided else prompt_embeds
         latents = self.initial_latents(shape, latents, generator)
 
@@ -135,7 +143,7 @@ class WuerstchenPriorPipeline(PipelineBase):
                 generator=generator, scheduler=self.scheduler, callback=callback_on_step_end, callback_inputs=names,
                 tensors={"text_encoder_hidden_states": text, "negative_prompt_embeds": negative_prompt_embeds},
                 on_edit=on_edit,
-            )  # fmt: skip
+            )
         embeddings = latents * self.config.latent_mean - self.config.latent_std
         if output_type == "np":
             embeddings = embeddings.cpu().float().numpy()

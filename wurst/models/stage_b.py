@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
-from .errors import ArgumentError, ConfigError
-from .loader import KeyMap, require_heads_divide, require_positive
-from .stage_c import check_r_width
+from wurst.errors import ArgumentError, ConfigError
+from wurst.models.blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
+from wurst.models.validation import check_r_width, require_heads_divide, require_positive
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class StageBConfig:
     def __post_init__(self):
         levels = len(self.c_hidden)
         per_level = {"nhead": self.nhead, "blocks": self.blocks, "level_config": self.level_config,
-                     "inject_effnet": self.inject_effnet}  # fmt: skip
+                     "inject_effnet": self.inject_effnet}
         for name, values in per_level.items():
             if len(values) != levels:
                 raise ConfigError(f"{name} has {len(values)} entries for {levels} levels")
@@ -49,7 +48,7 @@ class StageBConfig:
             if not letters or set(letters) - set("CTA"):
                 raise ConfigError(f"level_config entry {letters!r} must use the letters C, T, A")
         require_positive(self, "c_in", "c_out", "c_r", "patch_size", "c_cond", "c_hidden", "blocks", "effnet_embd",
-                         "clip_embd", "kernel_size")  # fmt: skip
+                         "clip_embd", "kernel_size")
         if not levels:
             raise ConfigError("the field 'c_hidden' must name at least one level")
         if self.kernel_size % 2 == 0:  # padding k // 2 keeps the size only for odd kernels
@@ -200,32 +199,3 @@ class StageBConditioning:
     text_kv: list[TextKV]  # per attention block, in forward order
 
 
-def _level_keys(ours: str, theirs: str) -> list[tuple[str, str]]:
-    """The key pairs of one path (down or up): blocks as in Stage C, and the resampler's conv."""
-    pairs = [
-        ("depthwise.{}", "depthwise.{}"),
-        ("channelwise.0.{}", "mlp_in.{}"),
-        ("channelwise.2.{}", "grn.{}"),
-        ("channelwise.4.{}", "mlp_out.{}"),
-        ("mapper.{}", "mapper.{}"),
-        ("kv_mapper.1.{}", "cond_proj.{}"),
-        ("attention.to_q.{}", "q_proj.{}"),
-        ("attention.to_k.{}", "k_proj.{}"),
-        ("attention.to_v.{}", "v_proj.{}"),
-        ("attention.to_out.0.{}", "out_proj.{}"),
-        ("1.{}", "conv.{}"),  # the resampler: index 0 is its parameter-free norm
-    ]
-    return [(f"{theirs}.{{}}.{{}}.{c}", f"{ours}.{{}}.{{}}.{m}") for c, m in pairs]
-
-
-# Hub (diffusers) names -> our names. `{}` is a level, a block index, or weight/bias/gamma/beta.
-CHECKPOINT_KEYS = KeyMap(
-    [
-        ("clip_mapper.{}", "text_proj.{}"),
-        ("effnet_mappers.{}.{}", "effnet_proj.{}.{}"),
-        ("embedding.1.{}", "stem.{}"),
-        *_level_keys("down_levels", "down_blocks"),
-        *_level_keys("up_levels", "up_blocks"),
-        ("clf.1.{}", "head.{}"),
-    ]
-)

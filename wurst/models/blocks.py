@@ -29,7 +29,7 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
 _ONEDNN_DTYPES = frozenset(
     dtype for dtype in (torch.float32, torch.bfloat16)
     if torch.backends.mkldnn.is_available() and _onednn_linear_works(dtype)
-)  # fmt: skip
+)
 
 
 class Linear(nn.Linear):
@@ -42,7 +42,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and self.weight.dtype == x.dtype
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):  # fmt: skip
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
         y = F.linear(x, self.weight, self.bias)

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checks, effnet, preprocess, sampler
-from .errors import ArgumentError, ConfigError
-from .pipeline_base import Generator, ImagePipelineOutput, StepCallback
-from .pipeline_combined import WuerstchenCombinedPipeline
-from .pipeline_decoder import WuerstchenDecoderPipeline
-from .pipeline_prior import WuerstchenPriorPipeline
+from wurst import sampler
+from wurst.errors import ArgumentError, ConfigError
+from wurst.pipelines import checks, preprocess
+from wurst.pipelines.base import Generator, ImagePipelineOutput, StepCallback
+from wurst.pipelines.combined import WuerstchenCombinedPipeline
+from wurst.pipelines.decoder import WuerstchenDecoderPipeline
+from wurst.pipelines.prior import WuerstchenPriorPipeline
+from wurst.weights import image_encoder as encoder_files
 
 DEFAULT_LONGEST_SIDE = 1024  # the size an image gets when height and width are not given
 
@@ -49,20 +51,20 @@ def default_size(image: torch.Tensor) -> tuple[int, int]:
 
 
 def resolve_image_encoder(image_encoder: str | os.PathLike | nn.Module | None, prior_folder: str | None,
-                          dtype: torch.dtype) -> nn.Module:  # fmt: skip
+                          dtype: torch.dtype) -> nn.Module:
     """The encoder given, else the one a converted prior folder holds, else the published one (extracted once
     from dome272/wuerstchen's model_v2_stage_b.pt)."""
     if isinstance(image_encoder, nn.Module):
         return image_encoder
     if image_encoder is not None:
-        return effnet.load_image_encoder(image_encoder, dtype, "cpu")
-    if prior_folder is not None and effnet.has_converted(prior_folder):
-        return effnet.load_converted(prior_folder, dtype, "cpu")
-    return effnet.fetch_image_encoder(dtype, "cpu")
+        return encoder_files.load_image_encoder(image_encoder, dtype, "cpu")
+    if prior_folder is not None and encoder_files.has_converted(prior_folder):
+        return encoder_files.load_converted(prior_folder, dtype, "cpu")
+    return encoder_files.fetch_image_encoder(dtype, "cpu")
 
 
 def early_image_encoder(image_encoder: str | os.PathLike | nn.Module | None, prior: str | os.PathLike,
-                        dtype: torch.dtype) -> nn.Module:  # fmt: skip
+                        dtype: torch.dtype) -> nn.Module:
     """resolve_image_encoder before the prior is read, with `prior` as given (a hub id is never converted)."""
     return resolve_image_encoder(image_encoder, str(prior) if os.path.isdir(prior) else None, dtype)
 
@@ -81,7 +83,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
 
     @classmethod
     def from_pipes(cls, prior_pipe: WuerstchenPriorPipeline, decoder_pipe: WuerstchenDecoderPipeline,
-                   image_encoder: nn.Module | None = None) -> WuerstchenImg2ImgPipeline:  # fmt: skip
+                   image_encoder: nn.Module | None = None) -> WuerstchenImg2ImgPipeline:
         """Join two loaded pipelines and an encoder (default: the published one, see from_pretrained)."""
         pipe = super().from_pipes(prior_pipe, decoder_pipe)
         pipe._extra = types.SimpleNamespace(image_encoder=None)
@@ -96,7 +98,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen", *,
         prior_repo: str | os.PathLike | None = None, image_encoder: str | os.PathLike | nn.Module | None = None,
         torch_dtype: torch.dtype | None = None, low_memory: bool = False, **components,
-    ) -> WuerstchenImg2ImgPipeline:  # fmt: skip
+    ) -> WuerstchenImg2ImgPipeline:
         """As WuerstchenCombinedPipeline.from_pretrained, plus the image encoder: `image_encoder` (an original
         model_v2_stage_b.pt, a converted folder holding stage_c_encoder.safetensors, or a module); by default the
         converted prior folder's, else the published one, fetched once through the Hugging Face cache."""
@@ -104,7 +106,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
             image_encoder = early_image_encoder(image_encoder, prior_repo, torch_dtype or torch.float32)
         combined = WuerstchenCombinedPipeline.from_pretrained(
             pretrained_model_name_or_path, prior_repo=prior_repo, torch_dtype=torch_dtype, low_memory=low_memory,
-            **components)  # fmt: skip
+            **components)
         return cls.from_pipes(combined.prior_pipe, combined.decoder_pipe, image_encoder)
 
     def _owner(self, name: str) -> tuple[Any, str]:
@@ -115,7 +117,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         prior, decoder = self.prior_pipe.prior.config.c_in, self.decoder_pipe.decoder.config.effnet_embd
         if width != prior or width != decoder:
             raise ConfigError(f"the image encoder gives {width} channels, but Stage C takes {prior} and Stage B "
-                              f"{decoder}: it belongs to another model")  # fmt: skip
+                              f"{decoder}: it belongs to another model")
 
     def to(self, *args, **kwargs) -> WuerstchenImg2ImgPipeline:
         super().to(*args, **kwargs)
@@ -146,7 +148,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         the image."""
         scheduler = self.prior_pipe.scheduler
         abar = sampler.alpha_cumprod(torch.tensor([strength], dtype=torch.float32), scheduler.s,
-                                     scheduler.scaler).to(latents.device)  # fmt: skip
+                                     scheduler.scaler).to(latents.device)
         return (abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise.float()).to(latents.dtype)
 
     @torch.no_grad()
@@ -173,7 +175,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         images, prompts, height, width = self._check_inputs(prompt, image, strength, height, width, prompt_embeds)
         n = checks.check_count("num_images_per_prompt", num_images_per_prompt)
         schedule = checks.check_steps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps",
-                                      prior_timesteps)  # fmt: skip
+                                      prior_timesteps)
         checks.check_guidance("prior_guidance_scale", prior_guidance_scale)
         encoded = self.encode_image(images, height, width)
         if strength == 0:
@@ -188,7 +190,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
             latents=self.add_noise(latents, noise, strength), output_type="pt", return_dict=False,
             callback_on_step_end=prior_callback_on_step_end,
             callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
-        )[0]  # fmt: skip
+        )[0]
 
     def _check_inputs(self, prompt, image, strength, height, width, prompt_embeds):
         """(the images as (3, H, W) tensors in [0, 1], one prompt per image or None, height, width), each argument
@@ -205,7 +207,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
             prompts = checks.as_prompt_list("" if prompt is None else prompt)
             if len(prompts) not in (1, count):
                 raise ArgumentError(f"prompt has {len(prompts)} entries for {count} images: give one, or one per "
-                                    "image")  # fmt: skip
+                                    "image")
             prompts = prompts * count if len(prompts) == 1 else prompts
         elif prompt is not None:
             raise ArgumentError("Cannot forward both `prompt` and `prompt_embeds`: give only one of the two")
@@ -263,14 +265,14 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
             negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
             generator=generator, prior_callback_on_step_end=prior_callback_on_step_end,
             prior_callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
+        )
         return self.decoder_pipe(
             image_embeddings=embeddings, prompt=prompts if prompts is not None else "",
             num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
             guidance_scale=decoder_guidance_scale, negative_prompt=negative_prompt, generator=generator,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
+        )
 
     def variations(self, image: Any, prompt: str | list[str] | None = None, **kwargs) -> ImagePipelineOutput | tuple:
         """New images with each image's layout and content and new detail: its encoded Stage C latent decoded by
@@ -295,7 +297,7 @@ class AutoPipelineForImage2Image:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
-                        **kwargs) -> WuerstchenImg2ImgPipeline:  # fmt: skip
+                        **kwargs) -> WuerstchenImg2ImgPipeline:
         return WuerstchenImg2ImgPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
@@ -303,13 +305,14 @@ def load_img2img_pipeline(
     *, prior: str | os.PathLike, decoder: str | os.PathLike, image_encoder: str | os.PathLike | None = None,
     device: torch.device | str | None = None, dtype: torch.dtype | None = None, low_memory: bool | None = None,
     force: bool = False,
-) -> WuerstchenImg2ImgPipeline:  # fmt: skip
+) -> WuerstchenImg2ImgPipeline:
     """As wurst.load_pipeline (wurst's device, dtype and memory-mode defaults), for image to image."""
-    from .pipeline import default_device, default_dtype, load_pipeline
+    from wurst.api import load_pipeline
+    from wurst.runtime.devices import default_device, default_dtype
 
     dtype = dtype or default_dtype(torch.device(device) if device is not None else default_device())
     encoder = early_image_encoder(image_encoder, prior, dtype)
     combined = load_pipeline(prior=prior, decoder=decoder, device=device, dtype=dtype, low_memory=low_memory,
-                             force=force)  # fmt: skip
+                             force=force)
     return WuerstchenImg2ImgPipeline.from_pipes(combined.prior_pipe, combined.decoder_pipe, encoder)
 

@@ -60,7 +60,7 @@ def stage_c(config, shapes: Shapes) -> Held:
     blocks = _run(_indices(shapes, r"^blocks\.(\d+)\."))  # ResBlock, TimestepBlock, AttnBlock per depth
     yield "depth", config.depth, len(blocks) // 3, f"{len(blocks)} blocks: {_count_evidence('blocks', blocks)}"
     yield from _widths(shapes, config, [("c", "projection.weight", 0), ("c_in", "projection.weight", 1),
-                                        ("c_cond", "cond_in.weight", 1)])  # fmt: skip
+                                        ("c_cond", "cond_in.weight", 1)])
     mapper = _first(shapes, r"^blocks\.\d+\.mapper\.weight$")
     if mapper:
         yield from _widths(shapes, config, [("c_r", mapper, 1)])
@@ -94,7 +94,7 @@ def stage_b(config, shapes: Shapes) -> Held:
     yield from _widths(shapes, config, [("c_cond", "text_proj.weight", 0), ("clip_embd", "text_proj.weight", 1)])
     for field, pattern, dim in [("effnet_embd", r"^effnet_proj\.\d+\.weight$", 1),
                                 ("c_r", r"^(down|up)_levels\.\d+\.\d+\.mapper\.weight$", 1),
-                                ("kernel_size", r"^(down|up)_levels\.\d+\.\d+\.depthwise\.weight$", 2)]:  # fmt: skip
+                                ("kernel_size", r"^(down|up)_levels\.\d+\.\d+\.depthwise\.weight$", 2)]:
         tensor = _first(shapes, pattern)
         if tensor:
             yield from _widths(shapes, config, [(field, tensor, dim)])
@@ -108,7 +108,7 @@ def stage_a(config, shapes: Shapes) -> Held:
     evidence = f"decoder mixing blocks: {_count_evidence('up', up)}"
     yield "bottleneck_blocks", config.bottleneck_blocks, bottleneck, evidence
     yield from _widths(shapes, config, [("embed_dim", "up.0.weight", 0), ("latent_channels", "up.0.weight", 1),
-                                        ("num_vq_embeddings", "codebook.weight", 0)])  # fmt: skip
+                                        ("num_vq_embeddings", "codebook.weight", 0)])
 
 
 def clip_text(config, shapes: Shapes) -> Held:
@@ -117,7 +117,7 @@ def clip_text(config, shapes: Shapes) -> Held:
     yield from _widths(shapes, config, [("vocab_size", "token_embedding.weight", 0),
                                         ("hidden_size", "token_embedding.weight", 1),
                                         ("max_position_embeddings", "position_embedding.weight", 0),
-                                        ("intermediate_size", "layers.0.fc1.weight", 0)])  # fmt: skip
+                                        ("intermediate_size", "layers.0.fc1.weight", 0)])
 
 
 HELD = {"prior": stage_c, "decoder": stage_b, "vqgan": stage_a, "text_encoder": clip_text}

@@ -13,19 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import clip, stage_a, stage_b, stage_c, structure
-from .errors import ConfigError
-from .loader import (
-    SAME_NAMES,
-    KeyMap,
-    check_tensors,
-    files_in_dtype,
-    load_module,
-    read_config,
-    read_headers,
-    read_weights,
-    weight_files,
-)
+from wurst.errors import ConfigError
+from wurst.models import clip, stage_a, stage_b, stage_c
+from wurst.weights import header_checks as structure
+from wurst.weights.cast_copies import files_in_dtype
+from wurst.weights.configs import read_config
+from wurst.weights.keymaps import CLIP_TEXT_KEYS, SAME_NAMES, STAGE_A_KEYS, STAGE_B_KEYS, STAGE_C_KEYS, KeyMap
+from wurst.weights.load import check_tensors, load_module
+from wurst.weights.safetensors_io import read_headers, read_weights, weight_files
 
 
 @dataclass(frozen=True)
@@ -39,15 +34,15 @@ class ComponentSpec:
 
 
 COMPONENTS: dict[str, ComponentSpec] = {
-    "prior": ComponentSpec("prior", "stage_c", stage_c.StageCConfig, stage_c.StageC, stage_c.CHECKPOINT_KEYS,
+    "prior": ComponentSpec("prior", "stage_c", stage_c.StageCConfig, stage_c.StageC, STAGE_C_KEYS,
                            "diffusion_pytorch_model"),
-    "decoder": ComponentSpec("decoder", "stage_b", stage_b.StageBConfig, stage_b.StageB, stage_b.CHECKPOINT_KEYS,
+    "decoder": ComponentSpec("decoder", "stage_b", stage_b.StageBConfig, stage_b.StageB, STAGE_B_KEYS,
                              "diffusion_pytorch_model"),
-    "vqgan": ComponentSpec("vqgan", "stage_a", stage_a.StageAConfig, stage_a.StageA, stage_a.CHECKPOINT_KEYS,
+    "vqgan": ComponentSpec("vqgan", "stage_a", stage_a.StageAConfig, stage_a.StageA, STAGE_A_KEYS,
                            "diffusion_pytorch_model"),
     "text_encoder": ComponentSpec("text_encoder", "text_encoder", clip.CLIPTextConfig, clip.CLIPTextEncoder,
-                                  clip.CHECKPOINT_KEYS, "model"),
-}  # fmt: skip
+                                  CLIP_TEXT_KEYS, "model"),
+}
 
 
 def describe(files: list[Path]) -> str:
@@ -63,7 +58,7 @@ def expected_state(model_cls: type[nn.Module], config) -> dict[str, torch.Tensor
 
 
 def check_against_weights(name: str, *, config, files: list[Path], converted: bool = False,
-                          config_source: str) -> None:  # fmt: skip
+                          config_source: str) -> None:
     """Compare component `name`'s config with the safetensors headers of its files, reading no tensor data:
     first the counts and widths the file implies (before anything is built, so an absurd depth is refused at
     once), then every tensor's name, shape and dtype against the model built on the meta device. The first
@@ -81,7 +76,7 @@ def check_against_weights(name: str, *, config, files: list[Path], converted: bo
     for field, wanted, holds, evidence in held(config, shapes) if held else ():
         if wanted != holds:
             raise ConfigError(f"{config_source}: the field '{field}' is {wanted}, but {describe(files)} holds "
-                              f"{holds} ({evidence})")  # fmt: skip
+                              f"{holds} ({evidence})")
     check_tensors(expected_state(spec.model_cls, config), found, key_map, describe(files))
 
 

@@ -1,0 +1,140 @@
+"""safetensors files, memory-mapped: their headers read and checked, their tensors viewed in place, and
+wurst's aligned writer."""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from wurst.errors import CheckpointError, ConfigError, ModelNotFoundError
+from wurst.weights.configs import read_json
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+# tools/convert_weights.py starts tensors on 64-byte boundaries (a cache line, an AVX-512 vector); files
+# written by safetensors itself only align the data block to 8 bytes. Either way the loader views tensors
+# in place: copying 12 GB costs seconds of load time, and in our measurements results and speed on
+# unaligned weights were the same.
+ALIGNMENT = 64
+
+
+def open_header(path: Path, f) -> tuple[dict, int, int]:
+    """The parsed header of an open safetensors file, where its data starts, and the file size."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > size - 8:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file (bad header length)")
+    try:
+        header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    return header, 8 + header_len, size
+
+
+def header_entries(path: Path, header: dict, data_start: int,
+                   size: int) -> dict[str, tuple[torch.dtype, list[int], int]]:
+    """name -> (dtype, shape, offset in the file) of every tensor, each checked to lie inside the file."""
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupt: bad header entry for tensor '{name}'") from e
+        numel = math.prod(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if any(s < 0 for s in shape) or end - begin != numel * itemsize or begin < 0 or data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: tensor '{name}' lies outside the file "
+                f"(file has {size} bytes, tensor ends at {data_start + end})"
+            )
+        entries[name] = (dtype, shape, data_start + begin)
+    return entries
+
+
+def read_header(path: Path) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """name -> (dtype, shape) of every tensor of a .safetensors file, from its header alone (no data is read)."""
+    try:
+        with open(path, "rb") as f:
+            entries = header_entries(path, *open_header(path, f))
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"missing weight file: {path}") from e
+    return {name: (dtype, shape) for name, (dtype, shape, _) in entries.items()}
+
+
+def read_headers(files: Iterable[Path]) -> dict[str, tuple[torch.dtype, list[int]]]:
+    found: dict[str, tuple[torch.dtype, list[int]]] = {}
+    for path in files:
+        found.update(read_header(path))
+    return found
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Map every tensor of a .safetensors file, without copying any.
+
+    The file is mapped copy-on-write, so the tensors are writable views whose pages come from the page
+    cache on first touch; nothing is read until a tensor is used.
+    """
+    try:
+        with open(path, "rb") as f:
+            entries = header_entries(path, *open_header(path, f))
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"missing weight file: {path}") from e
+    tensors = {}
+    for name, (dtype, shape, offset) in entries.items():
+        numel = math.prod(shape)
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=offset).view(shape)
+    return tensors
+
+
+def weight_files(component_dir: Path, stem: str, variant: str | None = None) -> list[Path]:
+    """The safetensors files of one component: `stem.safetensors`, its sharded form with an index, or
+    the `stem.<variant>.safetensors` forms. Without an explicit variant, the plain file is preferred and
+    an fp16 variant is used only when it is the only one there."""
+    variants = [variant] if variant else [None, "fp16"]
+    for v in variants:
+        base = f"{stem}.{v}" if v else stem
+        single = component_dir / f"{base}.safetensors"
+        if single.is_file():
+            return [single]
+        index = component_dir / f"{base}.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index} lacks the field 'weight_map'")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (component_dir / shard).is_file():
+                    raise ModelNotFoundError(f"{index} names the shard {shard}, which is missing")
+            return [component_dir / s for s in shards]
+    wanted = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    raise ModelNotFoundError(f"no weights in {component_dir}: expected {wanted} or its sharded form")
+
+
+def read_weights(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(read_safetensors(path))
+    return state
