@@ -2,8 +2,8 @@
 unwritable outputs are refused before any model loads; a failed or interrupted run ends in one line on stderr, a
 non-zero exit and no file (PNG or temporary) left behind; sizes over 2048 and long prompts warn but write the image.
 
-Refusals of damaged or mixed-up repositories are in tests/test_repository.py, those of NaN or inf in
-tests/test_pipeline.py."""
+Refusals of damaged or mixed-up repositories are in tests/weights/test_repository.py, those of NaN or inf in
+tests/test_api.py."""
 
 import errno
 import json
@@ -219,7 +219,7 @@ def test_cli_refuses_a_missing_prompt(out_dir, capsys, no_loading):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Warnings, not errors: sizes over 2048 and prompts over 77 tokens (the API's in tests/test_checks.py)
+# Warnings, not errors: sizes over 2048 and prompts over 77 tokens (the API's in tests/pipelines/test_checks.py)
 
 
 @pytest.mark.parametrize(

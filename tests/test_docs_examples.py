@@ -33,7 +33,8 @@ from PIL import Image
 
 import wurst
 from tests.helpers import assert_images_informative, edit_weights
-from tools import hub_fixtures, reference
+from tests.support import reference
+from tools import hub_fixtures
 
 DEVICE = os.environ.get("WURST_TEST_DEVICE", "cpu")
 

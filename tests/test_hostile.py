@@ -3,7 +3,7 @@ do not match their weights, sizes and image counts that cannot fit in memory, an
 ends in one line naming the culprit (a config field and what the file holds, a tensor, the memory needed and what
 would fit, the devices that are there), exit 2, no traceback, no file, within a few seconds (an absurd depth is
 refused from the safetensors header, before any model is built). The refusals of damaged files kept from before
-(truncated, corrupt headers, missing tensors, ...) are in tests/test_repository.py."""
+(truncated, corrupt headers, missing tensors, ...) are in tests/weights/test_repository.py."""
 
 from __future__ import annotations
 

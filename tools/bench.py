@@ -100,7 +100,7 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
                                                 output_type="latent").images
         stage_a = pipe.decoder_pipe.decode
     else:
-        from tools import reference
+        from tests.support import reference
 
         pipe = reference.combined_pipeline(prior_repo, decoder_repo, dtype)
         prior = lambda: pipe.prior_pipe(PROMPT, height=size, width=size, **schedule,  # noqa: E731

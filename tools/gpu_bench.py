@@ -71,7 +71,7 @@ def wurst_run(pipe, size: int):
 
 
 def diffusers_pipeline(prior, decoder, dtype, compiled=False):
-    from tools import reference
+    from tests.support import reference
 
     pipe = reference.combined_pipeline(prior, decoder, dtype).to("cuda")
     if compiled:

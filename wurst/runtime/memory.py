@@ -5,7 +5,7 @@ Each stage needs the weights resident while it runs (every model in the resident
 mode) plus its largest working set of activations. The activation terms count the tensors alive at the widest
 point of each model's largest block, per image, from the config's widths and the latent sizes; the counts were
 read off the code (blocks.py, stage_a.py) and checked against measured peak RSS at 512x512 and 1024x1024
-(tests/test_memory.py). The process's own footprint (Python, torch, the tokenizers) is not part of the estimate:
+(tests/runtime/test_memory.py). The process's own footprint (Python, torch, the tokenizers) is not part of the estimate:
 on the CPU it is already spent when the available memory is read.
 """
 

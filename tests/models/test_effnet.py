@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tests.helpers import RunsCode, parity_bound, relative_error
-from tests.image_fixtures import TINY_ENCODER, original_state, save_stage_b_release, tiny_encoder
+from tests.support.image_fixtures import TINY_ENCODER, original_state, save_stage_b_release, tiny_encoder
 from tools import hub_fixtures
 from wurst import CheckpointError, ConfigError, ModelNotFoundError
 from wurst.models import effnet

@@ -17,7 +17,7 @@ from tests.helpers import (
     seeded,
     shape_recorder,
 )
-from tools import reference
+from tests.support import reference
 
 # The comparison test_stage_b.py makes for whole decoder runs: the largest pixel difference in [0, 1].
 IMAGE_TOLERANCE = 1e-4

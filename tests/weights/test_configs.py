@@ -62,4 +62,4 @@ def test_tokenizer_configs_pad_with_end_of_text():
 
 
 def test_configs_dir_is_where_fixtures_read_from():
-    assert CONFIGS == Path(__file__).resolve().parent.parent / "configs" / "warp-ai"
+    assert CONFIGS == Path(__file__).resolve().parents[2] / "configs" / "warp-ai"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
-from tests import original_modules as original
 from tests.helpers import RunsCode, parity_bound, relative_error
+from tests.support import original_modules as original
 from tools import hub_fixtures
 from wurst import CheckpointError, ConfigError, ModelNotFoundError
 from wurst.models import stage_a, stage_b, stage_c

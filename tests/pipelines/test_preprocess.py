@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.image_fixtures import photo, write_png16
+from tests.support.image_fixtures import photo, write_png16
 from wurst.errors import ArgumentError
 from wurst.pipelines import preprocess
 

@@ -17,7 +17,8 @@ from tests.helpers import (
     parity_bound,
     relative_error,
 )
-from tools import hub_fixtures, reference
+from tests.support import reference
+from tools import hub_fixtures
 from wurst import Decoder, ModelNotFoundError, load_stage_a, load_stage_b
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(heap._LIBC is None, reason="glibc's malloc only"
 
 BLOCK = 64 << 20  # above glibc's largest mmap threshold (32 MiB) by default
 PAGES = BLOCK // 4096
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REPEATS = 8  # without kept_heap, up to 8 * PAGES faults
 KEPT = 3 * PAGES  # inside: the heap may grow a time or two before a freed block fits the next; then none
 
@@ -39,7 +39,7 @@ def resident_bytes() -> int:
 # restore anything). In this interpreter, where earlier tests left free memory decides whether glibc maps a block
 # afresh outside.
 SCRIPT = """
-from tests.test_heap import faults_of_repeated_blocks, heap
+from tests.runtime.test_heap import faults_of_repeated_blocks, heap
 print(faults_of_repeated_blocks())
 with heap.kept_heap():
     print(faults_of_repeated_blocks())

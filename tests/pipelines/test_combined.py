@@ -12,7 +12,7 @@ from PIL import Image
 
 import wurst
 from tests.helpers import OTHER, PROMPT, assert_close_images, assert_images_informative, record_shapes, run_both, seeded
-from tools import reference
+from tests.support import reference
 
 # The comparison test_pipeline.py makes for whole text-to-image runs: the largest pixel difference in [0, 1].
 IMAGE_TOLERANCE = 1e-3

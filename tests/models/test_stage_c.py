@@ -10,7 +10,8 @@ import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
 from tests.helpers import OTHER, PROMPT, bfloat16_forward_errors, parity_bound, relative_error
-from tools import hub_fixtures, reference
+from tests.support import reference
+from tools import hub_fixtures
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, Prior, load_stage_c
 
 

@@ -8,9 +8,9 @@ import torch
 
 import wurst
 from tests.helpers import OTHER, PROMPT, relative_error, run_both, seeded, shape_recorder
-from tools import reference
+from tests.support import reference
 
-# The comparison test_stage_c.py makes for whole prior runs.
+# The comparison tests/models/test_stage_c.py makes for whole prior runs.
 RUN_TOLERANCE = 1e-4
 SIZE = dict(height=256, width=256)  # a 6x6 Stage C latent: every default but the size stays affordable
 

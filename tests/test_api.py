@@ -29,7 +29,8 @@ from tests.helpers import (
     edit_weights,
     run_cli,
 )
-from tools import hub_fixtures, reference
+from tests.support import reference
+from tools import hub_fixtures
 from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, NumericalError, Pipeline, WurstError
 from wurst.runtime.offload import OnDemand
 

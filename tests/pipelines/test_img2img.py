@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, assert_one_line_error, files_in, run_cli, seeded
-from tests.image_fixtures import TINY_ENCODER, photo, save_stage_b_release, tiny_encoder
+from tests.support.image_fixtures import TINY_ENCODER, photo, save_stage_b_release, tiny_encoder
 from tools import convert_weights, hub_fixtures
 from wurst import ModelNotFoundError, WuerstchenCombinedPipeline
 from wurst.errors import ArgumentError, ConfigError
