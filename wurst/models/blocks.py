@@ -155,7 +155,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     slower). The fused kernel keeps the logits in float32; rounding them to bfloat16 costs 2^-9 of their
     size, so one call's error is 2x the fused kernel's at logits of standard deviation 1 and up to 6x at 2. In a
     whole bfloat16 forward pass, whose error the rounding of every weight and activation sets, it did not show
-    (tests/models/test_stage_b.py, tests/models/test_stage_c.py). Everywhere else (float32, where the logits' precision matters;
+    (tests/models/test_stage_b.py, test_stage_c.py). Everywhere else (float32, where the logits' precision matters;
     GPUs; autograd; compiled graphs): SDPA."""
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v)
