@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class Image:
+class PlannedImage:
     index: int  # k: the image's number in the job and its file name
     line: int  # where it comes from in the prompts file (1-based)
     prompt: str
@@ -88,14 +88,14 @@ class Image:
     width: int
 
 
-def read_prompts(path: Path, args: argparse.Namespace) -> list[Image]:
+def read_prompts(path: Path, args: argparse.Namespace) -> list[PlannedImage]:
     """Every image of the job, or one line naming the file and line that is wrong."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise ArgumentError(f"cannot read the prompts file {path}: {reason}") from e
-    images: list[Image] = []
+    images: list[PlannedImage] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -109,9 +109,9 @@ def read_prompts(path: Path, args: argparse.Namespace) -> list[Image]:
         for j in range(count):
             k = len(images)
             if own_seed is None:
-                images.append(Image(k, number, line["prompt"], negative, args.seed + k, 0, 1, height, width))
+                images.append(PlannedImage(k, number, line["prompt"], negative, args.seed + k, 0, 1, height, width))
             else:
-                images.append(Image(k, number, line["prompt"], negative, own_seed, j, count, height, width))
+                images.append(PlannedImage(k, number, line["prompt"], negative, own_seed, j, count, height, width))
     if not images:
         raise ArgumentError(f"the prompts file {path} holds no prompts")
     return images
@@ -151,7 +151,7 @@ def checked(where: str, key: str, value, kind: type, minimum: int | None = None)
     return value
 
 
-def plan_groups(images: list[Image], batch_size: int) -> list[list[Image]]:
+def plan_groups(images: list[PlannedImage], batch_size: int) -> list[list[PlannedImage]]:
     """The forward passes of the job, fixed by it alone: a seeded line of several images is one group (one
     generator draws them all, as in the CLI); other images, by size, in index order, batch_size at a time."""
     groups, by_size = [], {}
@@ -233,7 +233,7 @@ def sha256(path: Path) -> str | None:
         return None
 
 
-def complete(out: Path, images: list[Image]) -> set[int]:
+def complete(out: Path, images: list[PlannedImage]) -> set[int]:
     """The images whose file is in place and whose record says so."""
     records, done = read_records(out), set()
     for image in images:
@@ -258,7 +258,7 @@ class Journal:
         os.fsync(self.fd)
 
 
-def finish(out: Path, images: list[Image]) -> None:
+def finish(out: Path, images: list[PlannedImage]) -> None:
     """Rank 0, once every process is done: the manifest, sorted by index, in place of the journals."""
     done = complete(out, images)
     if len(done) < len(images):
@@ -297,7 +297,7 @@ def job_settings(args: argparse.Namespace, prompts: Path, device, dtype) -> dict
             "wurst_version": wurst.__version__}
 
 
-def cli_command(image: Image, args: argparse.Namespace, device, dtype) -> list[str]:
+def cli_command(image: PlannedImage, args: argparse.Namespace, device, dtype) -> list[str]:
     """The `python -m wurst` command that draws this image (as image `image_index` of its --num-images)."""
     command = ["python", "-m", "wurst", image.prompt, "--seed", str(image.seed), "--height", str(image.height),
                "--width", str(image.width), "--num-images", str(image.drawn_with)]
@@ -311,7 +311,7 @@ def cli_command(image: Image, args: argparse.Namespace, device, dtype) -> list[s
                       "--dtype", str(dtype).removeprefix("torch.")]
 
 
-def generate_group(pipe, group: list[Image], args: argparse.Namespace, output_type: str = "pil"):
+def generate_group(pipe, group: list[PlannedImage], args: argparse.Namespace, output_type: str = "pil"):
     """One forward pass: a seeded line's images from its one generator, or one generator per image."""
     import torch
 
@@ -333,7 +333,7 @@ class Progress:
     """Rank 0's one line for the whole job: images done of the total (all processes), images per minute, ETA.
     With several processes, a thread counts the journals' records every few seconds."""
 
-    def __init__(self, out: Path, images: list[Image], done: int, poll: bool):
+    def __init__(self, out: Path, images: list[PlannedImage], done: int, poll: bool):
         from tqdm.auto import tqdm
 
         self.out, self.images, self.start = out, images, done

@@ -109,7 +109,7 @@ def device_and_dtype(args: argparse.Namespace):
     return device, getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
 
 
-def check_image_options(args: argparse.Namespace) -> list:
+def read_input_images(args: argparse.Namespace) -> list:
     """The --image files read (each (3, H, W) in [0, 1]), after the checks of the options that go with them."""
     if not args.image:
         if args.prompt is None:
@@ -291,7 +291,7 @@ def run(argv: list[str]) -> list[Path]:
     with warnings.catch_warnings(record=True) as size_warnings:
         warnings.simplefilter("always")
         check_generation_options(args)
-    inputs = check_image_options(args)  # the --image files, read
+    inputs = read_input_images(args)  # the --image files, read
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     count = args.num_images * max(1, len(inputs))
     name = args.prompt or Path(args.image[0]).stem

@@ -230,7 +230,7 @@ class PipelineBase:
         return latents.to(device, dtype)
 
 
-def output(result, return_dict: bool, output_class: type[BaseOutput]):
+def as_output(result, return_dict: bool, output_class: type[BaseOutput]):
     return output_class(result) if return_dict else (result,)
 
 
@@ -247,7 +247,7 @@ def convert_images(images: torch.Tensor, output_type: str):
     return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
 
 
-def from_repository(cls, repo: Repository, *, torch_dtype: torch.dtype | None, low_memory: bool,
+def pipeline_from_repository(cls, repo: Repository, *, torch_dtype: torch.dtype | None, low_memory: bool,
                     components: dict[str, Any]):
     """Build pipeline class `cls` from a read repository, on the CPU in `torch_dtype` (float32 by default, as
     in diffusers); components passed by name replace the repository's."""

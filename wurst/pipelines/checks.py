@@ -48,7 +48,7 @@ def check_guidance(name: str, value: float) -> float:
     return float(value)
 
 
-def check_steps(steps_name: str, num_steps: int | None, timesteps_name: str, timesteps: Sequence[float] | None):
+def checked_timesteps(steps_name: str, num_steps: int | None, timesteps_name: str, timesteps: Sequence[float] | None):
     """A step count or a custom schedule must be usable (checking it is building it, which the sampler does); the
     schedule wins when both are given, as in diffusers."""
     return make_timesteps(num_steps, timesteps, (steps_name, timesteps_name))

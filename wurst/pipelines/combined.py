@@ -15,7 +15,7 @@ from wurst.models.stage_b import StageB
 from wurst.models.stage_c import StageC
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.pipelines import checks
-from wurst.pipelines.base import Generator, ImagePipelineOutput, StepCallback, from_repository
+from wurst.pipelines.base import Generator, ImagePipelineOutput, StepCallback, pipeline_from_repository
 from wurst.pipelines.decoder import WuerstchenDecoderPipeline
 from wurst.pipelines.prior import WuerstchenPriorPipeline
 from wurst.weights.repository import SchedulerConfig, prior_of, read_repository
@@ -72,7 +72,8 @@ class WuerstchenCombinedPipeline:
         decoder_repo = read_repository(pretrained_model_name_or_path, "decoder")
         if prior_pipe is None:
             prior_pipe = load_prior(prior_of(decoder_repo.folder))
-        decoder_pipe = from_repository(WuerstchenDecoderPipeline, decoder_repo, **options, components=decoder_parts)
+        decoder_pipe = pipeline_from_repository(WuerstchenDecoderPipeline, decoder_repo, **options,
+                                                components=decoder_parts)
         return cls.from_pipes(prior_pipe, decoder_pipe)
 
     def _owner(self, name: str) -> tuple[Any, str]:
@@ -157,8 +158,9 @@ class WuerstchenCombinedPipeline:
         # Like diffusers, a prompt beside prompt_embeds is allowed: the embeddings go to the prior, the text to
         # the decoder.
         checks.check_guidance("prior_guidance_scale", prior_guidance_scale)
-        checks.check_steps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps", prior_timesteps)
-        checks.check_steps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
+        checks.checked_timesteps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps",
+                                 prior_timesteps)
+        checks.checked_timesteps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
         checks.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         checks.check_output_type(output_type)
         checks.check_callback_inputs(prior_callback_on_step_end_tensor_inputs, self.prior_pipe._callback_tensor_inputs,

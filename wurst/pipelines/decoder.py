@@ -20,9 +20,9 @@ from wurst.pipelines.base import (
     ImagePipelineOutput,
     PipelineBase,
     StepCallback,
+    as_output,
     convert_images,
-    from_repository,
-    output,
+    pipeline_from_repository,
 )
 from wurst.weights.repository import DecoderPipelineConfig, SchedulerConfig, read_repository
 
@@ -59,7 +59,8 @@ class WuerstchenDecoderPipeline(PipelineBase):
         layout. Components given by name (decoder=..., vqgan=...) are used instead of the repository's.
         low_memory=True loads each model only while it runs."""
         repo = read_repository(pretrained_model_name_or_path, "decoder")
-        return from_repository(cls, repo, torch_dtype=torch_dtype, low_memory=low_memory, components=components)
+        return pipeline_from_repository(cls, repo, torch_dtype=torch_dtype, low_memory=low_memory,
+                                        components=components)
 
     def latent_size(self, embedding_height: int, embedding_width: int) -> tuple[int, int]:
         scale = self.config.latent_dim_scale
@@ -110,7 +111,7 @@ class WuerstchenDecoderPipeline(PipelineBase):
                                 f"{embeddings.shape[0]} image embeddings")
         n = checks.check_count("num_images_per_prompt", num_images_per_prompt)
         guidance = checks.check_guidance("guidance_scale", guidance_scale)
-        steps = checks.check_steps("num_inference_steps", num_inference_steps, "timesteps", timesteps)
+        steps = checks.checked_timesteps("num_inference_steps", num_inference_steps, "timesteps", timesteps)
         checks.check_output_type(output_type, (*checks.OUTPUT_TYPES, "latent"))
         names = checks.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs,
                                              "callback_on_step_end_tensor_inputs")
@@ -150,8 +151,8 @@ class WuerstchenDecoderPipeline(PipelineBase):
                 tensors=tensors, on_edit=on_edit,
             )
         if output_type == "latent":
-            return output(latents, return_dict, ImagePipelineOutput)
-        return output(convert_images(self.decode(latents), output_type), return_dict, ImagePipelineOutput)
+            return as_output(latents, return_dict, ImagePipelineOutput)
+        return as_output(convert_images(self.decode(latents), output_type), return_dict, ImagePipelineOutput)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

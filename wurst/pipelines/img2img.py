@@ -174,7 +174,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         are the encoded images themselves (each repeated n times), and no random number is drawn."""
         images, prompts, height, width = self._check_inputs(prompt, image, strength, height, width, prompt_embeds)
         n = checks.check_count("num_images_per_prompt", num_images_per_prompt)
-        schedule = checks.check_steps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps",
+        schedule = checks.checked_timesteps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps",
                                       prior_timesteps)
         checks.check_guidance("prior_guidance_scale", prior_guidance_scale)
         encoded = self.encode_image(images, height, width)
@@ -252,7 +252,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         resized and center-cropped to that aspect. One generator (or one per output image) drives the noising,
         Stage C and Stage B in turn, so a seed reproduces the images."""
         # Stage B's arguments are checked before anything runs.
-        checks.check_steps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
+        checks.checked_timesteps("num_inference_steps", num_inference_steps, "decoder_timesteps", decoder_timesteps)
         checks.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         checks.check_output_type(output_type, (*checks.OUTPUT_TYPES, "latent"))
         checks.check_callback_inputs(callback_on_step_end_tensor_inputs,

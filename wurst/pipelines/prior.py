@@ -18,8 +18,8 @@ from wurst.pipelines.base import (
     PipelineBase,
     StepCallback,
     WuerstchenPriorPipelineOutput,
-    from_repository,
-    output,
+    as_output,
+    pipeline_from_repository,
 )
 from wurst.weights.repository import PriorPipelineConfig, SchedulerConfig, read_repository
 
@@ -56,7 +56,8 @@ class WuerstchenPriorPipeline(PipelineBase):
         Components given by name (prior=..., text_encoder=...) are used instead of the repository's.
         low_memory=True loads each model only while it runs."""
         repo = read_repository(pretrained_model_name_or_path, "prior")
-        return from_repository(cls, repo, torch_dtype=torch_dtype, low_memory=low_memory, components=components)
+        return pipeline_from_repository(cls, repo, torch_dtype=torch_dtype, low_memory=low_memory,
+                                        components=components)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         multiple = self.config.resolution_multiple
@@ -110,7 +111,7 @@ class WuerstchenPriorPipeline(PipelineBase):
         checks.check_size("height", height), checks.check_size("width", width)
         n = checks.check_count("num_images_per_prompt", num_images_per_prompt)
         guidance = checks.check_guidance("guidance_scale", guidance_scale)
-        steps = checks.check_steps("num_inference_steps", num_inference_steps, "timesteps", timesteps)
+        steps = checks.checked_timesteps("num_inference_steps", num_inference_steps, "timesteps", timesteps)
         checks.check_output_type(output_type, ("pt", "np"))
         names = checks.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs,
                                              "callback_on_step_end_tensor_inputs")
@@ -147,4 +148,4 @@ class WuerstchenPriorPipeline(PipelineBase):
         embeddings = latents * self.config.latent_mean - self.config.latent_std
         if output_type == "np":
             embeddings = embeddings.cpu().float().numpy()
-        return output(embeddings, return_dict, WuerstchenPriorPipelineOutput)
+        return as_output(embeddings, return_dict, WuerstchenPriorPipelineOutput)

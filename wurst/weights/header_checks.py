@@ -56,7 +56,7 @@ def _count_evidence(prefix: str, found: list[int]) -> str:
     return f"{prefix}.{found[0]} to {prefix}.{found[-1]}" if found else f"no {prefix}.N tensors"
 
 
-def stage_c(config, shapes: Shapes) -> Held:
+def stage_c_fields(config, shapes: Shapes) -> Held:
     blocks = _run(_indices(shapes, r"^blocks\.(\d+)\."))  # ResBlock, TimestepBlock, AttnBlock per depth
     yield "depth", config.depth, len(blocks) // 3, f"{len(blocks)} blocks: {_count_evidence('blocks', blocks)}"
     yield from _widths(shapes, config, [("c", "projection.weight", 0), ("c_in", "projection.weight", 1),
@@ -75,7 +75,7 @@ def _block_kinds(shapes: Shapes, prefix: str) -> str:
     return "".join(letters)
 
 
-def stage_b(config, shapes: Shapes) -> Held:
+def stage_b_fields(config, shapes: Shapes) -> Held:
     levels = _run(_indices(shapes, r"^down_levels\.(\d+)\."))
     yield "c_hidden", f"{len(config.c_hidden)} levels", f"{len(levels)} levels", _count_evidence("down_levels", levels)
     for i, (letters, repeats) in enumerate(zip(config.level_config, config.blocks, strict=True)):
@@ -100,7 +100,7 @@ def stage_b(config, shapes: Shapes) -> Held:
             yield from _widths(shapes, config, [(field, tensor, dim)])
 
 
-def stage_a(config, shapes: Shapes) -> Held:
+def stage_a_fields(config, shapes: Shapes) -> Held:
     down = _indices(shapes, r"^down\.(\d+)\.gammas$")  # one mixing block per level in the encoder
     yield "levels", config.levels, len(down), f"encoder mixing blocks: {_count_evidence('down', down)}"
     up = _indices(shapes, r"^up\.(\d+)\.gammas$")  # the bottleneck blocks, then one per finer level
@@ -111,7 +111,7 @@ def stage_a(config, shapes: Shapes) -> Held:
                                         ("num_vq_embeddings", "codebook.weight", 0)])
 
 
-def clip_text(config, shapes: Shapes) -> Held:
+def clip_text_fields(config, shapes: Shapes) -> Held:
     layers = _run(_indices(shapes, r"^layers\.(\d+)\."))
     yield "num_hidden_layers", config.num_hidden_layers, len(layers), _count_evidence("layers", layers)
     yield from _widths(shapes, config, [("vocab_size", "token_embedding.weight", 0),
@@ -120,4 +120,6 @@ def clip_text(config, shapes: Shapes) -> Held:
                                         ("intermediate_size", "layers.0.fc1.weight", 0)])
 
 
-HELD = {"prior": stage_c, "decoder": stage_b, "vqgan": stage_a, "text_encoder": clip_text}
+# component -> what its checkpoint header says of each config field
+FIELDS_IN_HEADER = {"prior": stage_c_fields, "decoder": stage_b_fields, "vqgan": stage_a_fields,
+                    "text_encoder": clip_text_fields}

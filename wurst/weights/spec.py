@@ -15,7 +15,7 @@ from torch import nn
 
 from wurst.errors import ConfigError
 from wurst.models import clip, stage_a, stage_b, stage_c
-from wurst.weights import header_checks as structure
+from wurst.weights import header_checks
 from wurst.weights.cast_copies import files_in_dtype
 from wurst.weights.configs import read_config
 from wurst.weights.keymaps import CLIP_TEXT_KEYS, SAME_NAMES, STAGE_A_KEYS, STAGE_B_KEYS, STAGE_C_KEYS, KeyMap
@@ -72,7 +72,7 @@ def check_against_weights(name: str, *, config, files: list[Path], converted: bo
         module_name = None if key_map.ignored(ckpt_name) else key_map.to_module(ckpt_name)
         if module_name is not None:
             shapes[module_name] = shape
-    held = structure.HELD.get(name)
+    held = header_checks.FIELDS_IN_HEADER.get(name)
     for field, wanted, holds, evidence in held(config, shapes) if held else ():
         if wanted != holds:
             raise ConfigError(f"{config_source}: the field '{field}' is {wanted}, but {describe(files)} holds "
