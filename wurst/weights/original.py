@@ -106,7 +106,7 @@ def _pickled_callables(path: Path) -> list[str]:
                     names.append(f"{strings[-2]}.{strings[-1]}")
                 elif isinstance(arg, str) and "UNICODE" in opcode.name:
                     strings.append(arg)
-    except (ValueError, EOFError, OSError, UnicodeDecodeError):
+    except (ValueError, EOFError, OSError, UnicodeDecodeError, MemoryError):  # MemoryError: a garbage length
         pass
     return sorted(set(names))
 
