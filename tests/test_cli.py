@@ -33,7 +33,8 @@ from tests.helpers import (
     run_module,
 )
 from wurst import Pipeline
-from wurst.cli import main, write_file_atomically, write_png_atomically
+from wurst.cli import main
+from wurst.files import write_file_atomically, write_png_atomically
 from wurst.runtime.devices import default_dtype
 
 FAST = ["--height", "256", "--width", "128", "--prior-steps", "3", "--decoder-steps", "12"]
@@ -311,7 +312,7 @@ def test_write_png_atomically_leaves_no_temporary_file(failure, tmp_path, monkey
         assert files_in(tmp_path) == ["x.png"] and Image.open(target).text["prompt"] == "ü"
         return
     if failure == "disk-full":
-        monkeypatch.setattr(wurst.cli.os, "fsync", failing_fsync)
+        monkeypatch.setattr(wurst.files.os, "fsync", failing_fsync)
     else:
         monkeypatch.setattr(Image.Image, "save", failing_save(KeyboardInterrupt()))
     with pytest.raises(OSError if failure == "disk-full" else KeyboardInterrupt):
@@ -321,18 +322,18 @@ def test_write_png_atomically_leaves_no_temporary_file(failure, tmp_path, monkey
 
 def test_write_file_atomically_without_o_tmpfile_renames_a_named_temporary(tmp_path, monkeypatch):
     """Off Linux (no O_TMPFILE) the file still appears whole, with the mode a plain open() would give it."""
-    monkeypatch.delattr(wurst.cli.os, "O_TMPFILE")
-    monkeypatch.setattr(wurst.cli.os, "replace", lambda *a: (seen.append(files_in(tmp_path)), os.rename(*a)))
+    monkeypatch.delattr(wurst.files.os, "O_TMPFILE")
+    monkeypatch.setattr(wurst.files.os, "replace", lambda *a: (seen.append(files_in(tmp_path)), os.rename(*a)))
     seen, target = [], tmp_path / "x.bin"
     write_file_atomically(target, b"new")
     assert len(seen[0]) == 1 and seen[0][0].startswith(".x.bin.") and seen[0][0].endswith(".partial")
     assert files_in(tmp_path) == ["x.bin"] and target.read_bytes() == b"new"
-    assert target.stat().st_mode & 0o777 == 0o666 & ~wurst.cli.current_umask()
+    assert target.stat().st_mode & 0o777 == 0o666 & ~wurst.files.current_umask()
 
 
 @pytest.fixture
 def disk_full(monkeypatch):
-    monkeypatch.setattr(wurst.cli.os, "fsync", failing_fsync)
+    monkeypatch.setattr(wurst.files.os, "fsync", failing_fsync)
 
 
 def test_cli_failed_write_leaves_no_file(tiny_prior_repo, tiny_decoder_repo, out_dir, capsys, disk_full):

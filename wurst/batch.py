@@ -15,7 +15,7 @@ What an image is depends on the job alone, never on the number of processes, the
   image equals its batch-size-1 result up to float rounding. Groups are fixed by the job (same-size images in
   index order, B at a time; a seeded line of N images is one group), so a rerun recomputes exactly those groups.
 
-Files appear whole or not at all (see cli.write_file_atomically). Each process appends a record to its own journal
+Files appear whole or not at all (see files.atomic_file). Each process appends a record to its own journal
 (DIR/.journal/rank-R.jsonl) only after the image is in place; when every image is done, rank 0 writes
 DIR/manifest.jsonl, sorted by index, and removes the journals. Rerunning the same command skips every image whose
 file and record are complete, so after a kill and a rerun DIR holds exactly what an uninterrupted run writes.
@@ -48,11 +48,9 @@ from wurst.cli import (
     check_memory,
     device_and_dtype,
     generation_settings,
-    png_bytes,
-    png_metadata,
-    write_file_atomically,
 )
 from wurst.errors import ArgumentError, WurstError
+from wurst.files import png_bytes, png_metadata, write_file_atomically
 
 JOB, MANIFEST, JOURNALS = "job.json", "manifest.jsonl", ".journal"
 LINE_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "num_images")

@@ -237,14 +237,13 @@ def test_unwritable_cache_casts_in_memory(encoder_dir, tmp_path, monkeypatch):
 
 
 def test_a_failed_write_leaves_no_file(encoder_dir, cast_cache, monkeypatch):
-    import safetensors.torch
+    import wurst.weights.cast_copies
 
-    def full_disk(state, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
+    def full_disk(f, tensors, **kwargs):
+        f.write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(wurst.weights.cast_copies, "write_safetensors", full_disk)
     with pytest.warns(UserWarning, match="No space left on device"):
         model = load_bf16(encoder_dir)
     assert_is_the_cast_source(model, encoder_dir)

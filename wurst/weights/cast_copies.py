@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
 from wurst.errors import CheckpointError
-from wurst.weights.safetensors_io import header_entries, open_header, read_header, read_safetensors
+from wurst.files import atomic_file
+from wurst.weights.safetensors_io import header_entries, open_header, read_header, read_safetensors, write_safetensors
 
 # Casting a billion float32 weights to bfloat16 on every load costs seconds per model (22 s for a whole
 # pipeline on a 2-core machine, against under 2 s to map it). So the first load in a dtype other than the
@@ -56,23 +56,12 @@ def _copy_is_current(copy: Path, source: Path, source_header: dict, dtype: torch
 
 
 def _write_cast_copy(source: Path, copy: Path, dtype: torch.dtype) -> None:
-    """Cast every floating tensor of `source` and write the copy atomically (a temporary file, then a rename), so
-    that a crash or a full disk leaves the old copy or none, never half of one."""
-    from safetensors.torch import save_file
-
-    state = {name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
-             for name, t in read_safetensors(source).items()}
+    """Write the copy of `source` with every floating tensor cast to `dtype`, atomically (files.atomic_file), so
+    that a crash or a full disk leaves the old copy or none, never half of one. One cast tensor at a time is in
+    memory."""
     copy.parent.mkdir(parents=True, exist_ok=True)
-    temporary = copy.with_name(f"{copy.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
-    open(temporary, "x").close()  # claims the name, and shows the mode the umask gives a new file
-    try:
-        mode = temporary.stat().st_mode
-        save_file(state, temporary, metadata={"format": "pt", **_stamp(source)})
-        os.chmod(temporary, mode)  # safetensors writes its files 0600, as if private
-        os.replace(temporary, copy)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_file(copy) as f:
+        write_safetensors(f, read_safetensors(source), metadata={"format": "pt", **_stamp(source)}, dtype=dtype)
 
 
 def files_in_dtype(files: list[Path], dtype: torch.dtype | None) -> list[Path]:

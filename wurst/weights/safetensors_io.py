@@ -7,8 +7,9 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
@@ -138,3 +139,41 @@ def read_weights(files: Iterable[Path]) -> dict[str, torch.Tensor]:
     for path in files:
         state.update(read_safetensors(path))
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def write_safetensors(f: BinaryIO, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """Stream a standard .safetensors file to the open binary file `f`, each floating tensor cast to `dtype` (when
+    given) only as it is written, so that one cast tensor at a time is in memory.
+
+    Tensors start on ALIGNMENT-byte boundaries wherever their sizes allow, so that vector loads of the weights
+    never straddle a cache line. The format forbids gaps between tensors, so the header is padded with spaces
+    (which the format allows) and the tensors whose byte size is a multiple of ALIGNMENT go first; the few
+    odd-sized ones follow."""
+
+    def target(tensor: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    def nbytes(tensor: torch.Tensor) -> int:
+        return tensor.numel() * torch.empty((), dtype=target(tensor)).element_size()
+
+    order = sorted(tensors, key=lambda name: nbytes(tensors[name]) % ALIGNMENT != 0)
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name in order:
+        size = nbytes(tensors[name])
+        header[name] = {"dtype": _NAMES[target(tensors[name])], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    f.write(struct.pack("<Q", len(text)) + text)
+    for name in order:
+        tensor = tensors[name].to(target(tensors[name])).contiguous()
+        f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
