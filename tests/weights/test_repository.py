@@ -28,7 +28,7 @@ from tests.helpers import (
     run_module,
 )
 from wurst import CheckpointError, ConfigError, Decoder, ModelNotFoundError, Pipeline, Prior, WurstError
-from wurst.weights.repository import resolve
+from wurst.weights.hub import resolve
 
 # ---------------------------------------------------------------------------------------------------------
 # Model references: missing directories, hub ids offline, mixed-up repositories
@@ -343,7 +343,7 @@ def test_resolve_local_and_missing(tmp_path):
 def test_resolve_hub_id_offline(tmp_path):
     """A hub id that is not cached, with the hub unreachable, names the id and says how to get it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from wurst.weights.repository import resolve\nresolve('warp-ai/wuerstchen-prior')"
+    code = "from wurst.weights.hub import resolve\nresolve('warp-ai/wuerstchen-prior')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]

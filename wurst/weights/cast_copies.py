@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from wurst.errors import CheckpointError
 from wurst.files import atomic_file
+from wurst.weights.hub import cache_root
 from wurst.weights.safetensors_io import header_entries, open_header, read_header, read_safetensors, write_safetensors
 
 # Casting a billion float32 weights to bfloat16 on every load costs seconds per model (22 s for a whole
@@ -19,10 +19,6 @@ from wurst.weights.safetensors_io import header_entries, open_header, read_heade
 # source. One copy per source file, named after its path and stamped with its size and mtime: a changed
 # source is cast again over its old copy. Deleting the folder is always safe; it only costs the next cast.
 CAST_COPY_VERSION = "1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("WURST_CACHE", Path.home() / ".cache" / "wurst"))
 
 
 def _cast_copy_path(source: Path, dtype: torch.dtype) -> Path:

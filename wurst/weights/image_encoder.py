@@ -19,8 +19,8 @@ import torch
 
 from wurst.errors import CheckpointError, ModelNotFoundError
 from wurst.models.effnet import EfficientNetConfig, EfficientNetEncoder
-from wurst.weights.cast_copies import cache_root
 from wurst.weights.configs import config_from_dict, read_json
+from wurst.weights.hub import cache_root, hub_file
 from wurst.weights.keymaps import SAME_NAMES, image_encoder_keys
 from wurst.weights.load import load_module
 from wurst.weights.safetensors_io import read_safetensors
@@ -180,19 +180,10 @@ def fetch_image_encoder(dtype: torch.dtype | None = None,
     extracted = cache_root() / "image_encoder" / HUB_REPO.replace("/", "--")
     if has_converted(extracted):
         return load_converted(extracted, dtype, device)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    try:
-        path = hf_hub_download(HUB_REPO, HUB_FILE)
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise ModelNotFoundError(f"the Stage C image encoder is missing: {HUB_FILE} of {HUB_REPO} is not in the "
-                                 f"Hugging Face cache and the hub cannot be reached (offline): run `hf download "
-                                 f"{HUB_REPO} {HUB_FILE}` on a connected machine, or pass image_encoder= (--image-"
-                                 f"encoder) a local {HUB_FILE} or converted folder") from e
-    except HfHubHTTPError as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelNotFoundError(f"cannot fetch {HUB_FILE} from {HUB_REPO}: {first_line}") from e
+    path = hub_file(HUB_REPO, HUB_FILE, offline=f"the Stage C image encoder is missing: {HUB_FILE} of {HUB_REPO} is "
+                    f"not in the Hugging Face cache and the hub cannot be reached (offline): run `hf download "
+                    f"{HUB_REPO} {HUB_FILE}` on a connected machine, or pass image_encoder= (--image-encoder) a "
+                    f"local {HUB_FILE} or converted folder")
     model = load_original(path, torch.float32, "cpu")
     partial = extracted.with_name(extracted.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -5,7 +5,6 @@ weight is loaded."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from wurst.errors import ConfigError, ModelNotFoundError
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.models.validation import require_finite
 from wurst.weights.configs import config_from_dict, read_config, read_json
+from wurst.weights.hub import resolve
 from wurst.weights.safetensors_io import weight_files
 from wurst.weights.spec import COMPONENTS, check_against_weights, hub_config, load_component
 
@@ -78,34 +78,6 @@ KINDS = {
 # wurst.json (every config), one safetensors file per model under wurst's module names, and tokenizer/.
 CONVERTED_INDEX = "wurst.json"
 MODEL_CARD = "README.md"
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve(ref: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """Return the local directory of a model: `ref` itself if it is a directory, else a hub id fetched
-    through the huggingface_hub cache (only the files matching `allow_patterns`)."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    text = str(ref)
-    if not _HUB_ID.match(text):
-        raise ModelNotFoundError(f"model directory not found: {text}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=allow_patterns))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise ModelNotFoundError(
-            f"{text} is neither a local directory nor in the Hugging Face cache, and the hub cannot be "
-            f"reached (offline): "
-            f"download it on a connected machine with `hf download {text}`, or pass a local directory"
-        ) from e
-    except HfHubHTTPError as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelNotFoundError(f"cannot fetch {text} from the hub: {first_line}") from e
-
 
 @dataclass
 class Repository:
