@@ -21,10 +21,10 @@ from wurst.models.stage_a import StageA, StageAConfig
 from wurst.models.stage_b import StageB, StageBConfig
 from wurst.models.stage_c import StageC, StageCConfig
 from wurst.models.tokenizer import CLIPTokenizer, PromptTruncatedWarning
-from wurst.pipelines.base import ImagePipelineOutput, WuerstchenPriorPipelineOutput
 from wurst.pipelines.combined import AutoPipelineForText2Image, WuerstchenCombinedPipeline
 from wurst.pipelines.decoder import WuerstchenDecoderPipeline
 from wurst.pipelines.img2img import AutoPipelineForImage2Image, WuerstchenImg2ImgPipeline
+from wurst.pipelines.outputs import ImagePipelineOutput, WuerstchenPriorPipelineOutput
 from wurst.pipelines.prior import WuerstchenPriorPipeline
 from wurst.sampler import DEFAULT_STAGE_C_TIMESTEPS
 from wurst.weights.spec import load_clip_text_encoder, load_stage_a, load_stage_b, load_stage_c

@@ -147,3 +147,17 @@ def guided(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance
         return torch.lerp(uncond, cond, guidance_scale)
 
     return denoise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage C's range. Training mapped the image encoder's output x to Stage C's latents as (x + 1) / 42; the prior
+# pipeline's embeddings undo it, x * latent_mean - latent_std (diffusers' names, defaults 42 and 1), which is the
+# range Stage B is conditioned on.
+
+
+def to_stage_b_range(latents: torch.Tensor, *, latent_mean: float, latent_std: float) -> torch.Tensor:
+    return latents * latent_mean - latent_std
+
+
+def to_stage_c_range(embeddings: torch.Tensor, *, latent_mean: float, latent_std: float) -> torch.Tensor:
+    return (embeddings + latent_std) / latent_mean

@@ -54,7 +54,7 @@ def devices(pipe, name):
 def masters(pipe, name):
     """The CPU copies an offloaded model's weights are kept in, by module name and tensor name."""
     pipe_name, model_name = HOMES[name]
-    offloaded = getattr(pipe, pipe_name)._offloaded[model_name]  # noqa: SLF001 - what the test is about
+    offloaded = getattr(pipe, pipe_name).placement.offloaded[model_name]
     names = {module: prefix for prefix, module in offloaded.module.named_modules()}
     return {f"{names[module]}.{n}".lstrip("."): t for module, own in offloaded.home.items() for n, t in own.items()}
 

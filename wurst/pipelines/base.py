@@ -1,51 +1,27 @@
-"""What the three documented pipelines share: devices and dtypes (`.to`), where models live between uses
-(resident, low-memory, model or sequential CPU offload), progress bars, the denoising loop with diffusers'
-step callbacks, and the output classes."""
+"""What the documented pipelines share: the component registry, `.to` and offload (delegated to
+runtime.placement), progress bars, and the steps every stage takes: encoding text, drawing the first noise and the
+denoising loop with diffusers' step callbacks."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from wurst import sampler
 from wurst.errors import ArgumentError, NumericalError
 from wurst.models.tokenizer import CLIPTokenizer
-from wurst.runtime.devices import available_devices, parse_device
-from wurst.runtime.heap import kept_heap
-from wurst.runtime.offload import Offloaded, OnDemand
+from wurst.pipelines.callbacks import StepEnd
+from wurst.runtime.devices import parse_device
+from wurst.runtime.offload import OnDemand
+from wurst.runtime.placement import Placement
 from wurst.weights.repository import KINDS, Repository, SchedulerConfig
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
-# diffusers' form: callback(pipeline, step index, timestep, {name: tensor}) -> {name: replacement tensor}
-StepCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
-
-
-class BaseOutput:
-    """diffusers' outputs: fields by name, or by position as in the tuple `return_dict=False` gives."""
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
-
-    def __getitem__(self, key: int | str):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-
-@dataclass
-class WuerstchenPriorPipelineOutput(BaseOutput):
-    image_embeddings: torch.Tensor | np.ndarray
-
-
-@dataclass
-class ImagePipelineOutput(BaseOutput):
-    images: list | np.ndarray | torch.Tensor
+STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
 
 
 class PipelineBase:
@@ -56,11 +32,10 @@ class PipelineBase:
     _callback_tensor_inputs: list[str] = []
 
     def __init__(self) -> None:
-        self._offloaded: dict[str, Offloaded] = {}
-        self._offload_device: torch.device | None = None
+        self.placement = Placement(self, self._models, self._denoiser)
         self._progress_bar_config: dict[str, Any] = {}
 
-    # -- devices and dtypes ------------------------------------------------------------------------------
+    # -- the components, where they are ------------------------------------------------------------------
 
     @property
     def components(self) -> dict[str, Any]:
@@ -68,26 +43,15 @@ class PipelineBase:
 
     @property
     def device(self) -> torch.device:
-        return self._placement()[0]
+        return self.placement.device_and_dtype()[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._placement()[1]
+        return self.placement.device_and_dtype()[1]
 
     @property
     def _execution_device(self) -> torch.device:
-        """Where the models compute: the offload device when offloading, else where the weights are."""
-        return self._offload_device or self.device
-
-    def _placement(self) -> tuple[torch.device, torch.dtype]:
-        model = getattr(self, self._denoiser)
-        if isinstance(model, OnDemand):
-            return model.device, model.dtype
-        if self._denoiser in self._offloaded:
-            home = next(t for h in self._offloaded[self._denoiser].home.values() for t in h.values())
-            return home.device, home.dtype
-        weight = next(model.parameters())
-        return weight.device, weight.dtype
+        return self.placement.execution_device
 
     def to(self, *args, **kwargs):
         """`.to(device)`, `.to(dtype)`, `.to(device, dtype)` or keywords, as diffusers takes them; returns self."""
@@ -103,68 +67,18 @@ class PipelineBase:
                 raise TypeError(f"to() takes a device and a dtype, got {args!r}")
         if device is not None:
             device = parse_device(device)
-        if self._offloaded and device is not None:
-            raise ArgumentError("this pipeline offloads its models to the CPU (enable_*_cpu_offload): it moves them "
-                                "itself, so it cannot be moved with .to(device)")
-        for name in self._models:
-            model = getattr(self, name)
-            if isinstance(model, OnDemand):
-                model.to(device, dtype)
-            elif name in self._offloaded:
-                self._offloaded[name] = Offloaded(self._offloaded[name].restore().to(dtype=dtype),
-                                                  self._offloaded[name].sequential)
-            else:
-                model.to(device=device, dtype=dtype)
+        self.placement.to(device, dtype)
         return self
-
-    # -- offload -----------------------------------------------------------------------------------------
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """Keep every model in CPU RAM and move each whole model to the accelerator while it runs."""
-        self._enable_offload(gpu_id, device, sequential=False, method="enable_model_cpu_offload")
+        self.placement.offload(device, gpu_id, sequential=False, method="enable_model_cpu_offload")
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None,
                                       device: torch.device | str | None = None) -> None:
         """Keep every model in CPU RAM and stream its layers to the accelerator one at a time as they run:
         the least device memory, the slowest."""
-        self._enable_offload(gpu_id, device, sequential=True, method="enable_sequential_cpu_offload")
-
-    def _enable_offload(self, gpu_id: int | None, device, sequential: bool, method: str) -> None:
-        if device is None:
-            if not torch.cuda.is_available():
-                raise ArgumentError(f"{method} needs an accelerator and this machine has none ({available_devices()}); "
-                                    "run without offload, or pass device=... to choose one")
-            device = f"cuda:{gpu_id or 0}"
-        self._offload_device = parse_device(device, f"{method}: device")
-        for name in self._models:
-            model = getattr(self, name)
-            if isinstance(model, OnDemand):
-                raise ArgumentError(f"{method} cannot be combined with low_memory: load the pipeline without it")
-            module = self._offloaded.pop(name).restore() if name in self._offloaded else model
-            self._offloaded[name] = Offloaded(module, sequential)
-
-    @contextlib.contextmanager
-    def _running(self, name: str) -> Iterator[nn.Module]:
-        """Model `name` ready to compute on the execution device for the time of the block, with freed CPU memory
-        kept for reuse meanwhile (heap.kept_heap)."""
-        with kept_heap():
-            yield from self._ready(name)
-
-    def _ready(self, name: str) -> Iterator[nn.Module]:
-        model = getattr(self, name)
-        if isinstance(model, OnDemand):
-            loaded = model.load(dtype=model.dtype, device=model.device)
-            try:
-                yield loaded
-            finally:
-                loaded.to("meta")  # frees the weights now, whatever still refers to the module
-                if model.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        elif name in self._offloaded:
-            with self._offloaded[name].on(self._execution_device):
-                yield model  # the attribute, which may be a compiled wrapper of the offloaded module
-        else:
-            yield model
+        self.placement.offload(device, gpu_id, sequential=True, method="enable_sequential_cpu_offload")
 
     # -- progress ----------------------------------------------------------------------------------------
 
@@ -183,44 +97,8 @@ class PipelineBase:
         """The full last_hidden_state (padding positions included) of each prompt, in the pipeline's dtype."""
         ids, mask = tokenizer(prompts)
         device = self._execution_device
-        with self._running("text_encoder") as encoder:
+        with self.placement.running("text_encoder") as encoder:
             return encoder(ids.to(device), mask.to(device)).to(self.dtype)
-
-    def denoise(
-        self,
-        *,
-        model: sampler.Denoiser,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        generator: Generator,
-        scheduler: SchedulerConfig,
-        callback: StepCallback | None,
-        callback_inputs: list[str],
-        tensors: dict[str, torch.Tensor | None],
-        on_edit: Callable[[dict[str, torch.Tensor]], None] = lambda edited: None,
-    ) -> torch.Tensor:
-        """Run the sampler with a progress bar. After each step the callback sees the latents and the named
-        `tensors`; what it returns replaces them (`on_edit` gets the replaced tensors other than latents)."""
-        result = latents
-        steps = sampler.sample_steps(model, latents, timesteps, generator, scheduler.s, scheduler.scaler)
-        with self.progress_bar(total=len(timesteps) - 1) as bar:  # closed (its line ended) even on an error
-            for step in steps:
-                if callback is not None:
-                    offered = {"latents": step.latents, **tensors}
-                    edited = dict(callback(self, step.index, step.t, {k: offered[k] for k in callback_inputs}) or {})
-                    step.latents = edited.pop("latents", step.latents)
-                    tensors.update(edited)
-                    on_edit(edited)
-                result = step.latents
-                bar.update()
-        if not torch.isfinite(result).all():
-            raise NumericalError(f"the {self._stage_name} latents hold NaN or inf (in {result.dtype}; float16 "
-                                 "overflows in this model): use bfloat16 or float32")
-        return result
-
-    @property
-    def _stage_name(self) -> str:
-        return {"prior": "Stage C", "decoder": "Stage B"}.get(self._stage, self._stage)
 
     def initial_latents(self, shape: tuple[int, ...], latents: torch.Tensor | None, generator: Generator):
         """Fresh noise of `shape`, drawn as diffusers draws it, or the caller's latents."""
@@ -229,22 +107,20 @@ class PipelineBase:
             return sampler.randn(shape, generator, dtype, device)
         return latents.to(device, dtype)
 
-
-def as_output(result, return_dict: bool, output_class: type[BaseOutput]):
-    return output_class(result) if return_dict else (result,)
-
-
-def convert_images(images: torch.Tensor, output_type: str):
-    """(N, 3, H, W) images in [0, 1] -> a list of PIL images ("pil"), a float32 (N, H, W, 3) numpy array
-    ("np") or the tensor itself ("pt")."""
-    if output_type == "pt":
-        return images
-    array = images.permute(0, 2, 3, 1).float().cpu().numpy()
-    if output_type == "np":
-        return array
-    from PIL import Image
-
-    return [Image.fromarray(image) for image in (array * 255).round().astype(np.uint8)]
+    def denoise(self, *, model: sampler.Denoiser, latents: torch.Tensor, timesteps: torch.Tensor,
+                generator: Generator, scheduler: SchedulerConfig, step_end: StepEnd) -> torch.Tensor:
+        """The sampler's steps with a progress bar, `step_end` (diffusers' step callback) after each."""
+        result = latents
+        steps = sampler.sample_steps(model, latents, timesteps, generator, scheduler.s, scheduler.scaler)
+        with self.progress_bar(total=len(timesteps) - 1) as bar:  # closed (its line ended) even on an error
+            for step in steps:
+                step_end(step)
+                result = step.latents
+                bar.update()
+        if not torch.isfinite(result).all():
+            raise NumericalError(f"the {STAGE_NAMES.get(self._stage, self._stage)} latents hold NaN or inf (in "
+                                 f"{result.dtype}; float16 overflows in this model): use bfloat16 or float32")
+        return result
 
 
 def pipeline_from_repository(cls, repo: Repository, *, torch_dtype: torch.dtype | None, low_memory: bool,

@@ -15,8 +15,10 @@ from wurst.models.stage_b import StageB
 from wurst.models.stage_c import StageC
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.pipelines import checks
-from wurst.pipelines.base import Generator, ImagePipelineOutput, StepCallback, pipeline_from_repository
+from wurst.pipelines.base import Generator, pipeline_from_repository
+from wurst.pipelines.callbacks import StepCallback
 from wurst.pipelines.decoder import WuerstchenDecoderPipeline
+from wurst.pipelines.outputs import ImagePipelineOutput
 from wurst.pipelines.prior import WuerstchenPriorPipeline
 from wurst.weights.repository import SchedulerConfig, prior_of, read_repository
 

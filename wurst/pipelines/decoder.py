@@ -15,15 +15,9 @@ from wurst.models.stage_a import StageA
 from wurst.models.stage_b import StageB
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.pipelines import checks
-from wurst.pipelines.base import (
-    Generator,
-    ImagePipelineOutput,
-    PipelineBase,
-    StepCallback,
-    as_output,
-    convert_images,
-    pipeline_from_repository,
-)
+from wurst.pipelines.base import Generator, PipelineBase, pipeline_from_repository
+from wurst.pipelines.callbacks import StepCallback, StepEnd
+from wurst.pipelines.outputs import ImagePipelineOutput, as_output, convert_images
 from wurst.weights.repository import DecoderPipelineConfig, SchedulerConfig, read_repository
 
 
@@ -127,7 +121,7 @@ class WuerstchenDecoderPipeline(PipelineBase):
                    "image_embeddings": embeddings, "negative_prompt_embeds": text[len(text) // 2:] if guided else None}
         latents = self.initial_latents(shape, latents, generator)
 
-        with self._running("decoder") as decoder:
+        with self.placement.running("decoder") as decoder:
 
             def conditioning():
                 """What every step shares, from the current tensors: the image embeddings per image (zeroed for
@@ -145,11 +139,9 @@ class WuerstchenDecoderPipeline(PipelineBase):
                 if "text_encoder_hidden_states" in edited or "image_embeddings" in edited:
                     condition["cond"] = conditioning()
 
-            latents = self.denoise(
-                model=sampler.guided(model, guidance) if guided else model, latents=latents, timesteps=steps,
-                generator=generator, scheduler=self.scheduler, callback=callback_on_step_end, callback_inputs=names,
-                tensors=tensors, on_edit=on_edit,
-            )
+            step_end = StepEnd(self, callback_on_step_end, names, tensors, on_edit)
+            latents = self.denoise(model=sampler.guided(model, guidance) if guided else model, latents=latents,
+                                   timesteps=steps, generator=generator, scheduler=self.scheduler, step_end=step_end)
         if output_type == "latent":
             return as_output(latents, return_dict, ImagePipelineOutput)
         return as_output(convert_images(self.decode(latents), output_type), return_dict, ImagePipelineOutput)
@@ -157,7 +149,7 @@ class WuerstchenDecoderPipeline(PipelineBase):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Stage B latents -> images clamped to [0, 1] (scaled into the VQGAN's range, not quantised)."""
-        with self._running("vqgan") as vqgan:
+        with self.placement.running("vqgan") as vqgan:
             images = vqgan.decode(latents.to(self._execution_device, self.dtype) * vqgan.config.scale_factor)
         if not torch.isfinite(images).all():  # clamp would quietly turn NaN into black pixels
             raise NumericalError(f"the Stage A (VQGAN) images hold NaN or inf (in {images.dtype}): "

@@ -21,9 +21,11 @@ from torch import nn
 from wurst import sampler
 from wurst.errors import ArgumentError, ConfigError
 from wurst.pipelines import checks, preprocess
-from wurst.pipelines.base import Generator, ImagePipelineOutput, StepCallback
+from wurst.pipelines.base import Generator
+from wurst.pipelines.callbacks import StepCallback
 from wurst.pipelines.combined import WuerstchenCombinedPipeline
 from wurst.pipelines.decoder import WuerstchenDecoderPipeline
+from wurst.pipelines.outputs import ImagePipelineOutput
 from wurst.pipelines.prior import WuerstchenPriorPipeline
 from wurst.weights import image_encoder as encoder_files
 

@@ -13,14 +13,9 @@ from wurst.models.clip import CLIPTextEncoder
 from wurst.models.stage_c import StageC
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.pipelines import checks
-from wurst.pipelines.base import (
-    Generator,
-    PipelineBase,
-    StepCallback,
-    WuerstchenPriorPipelineOutput,
-    as_output,
-    pipeline_from_repository,
-)
+from wurst.pipelines.base import Generator, PipelineBase, pipeline_from_repository
+from wurst.pipelines.callbacks import StepCallback, StepEnd
+from wurst.pipelines.outputs import WuerstchenPriorPipelineOutput, as_output
 from wurst.weights.repository import PriorPipelineConfig, SchedulerConfig, read_repository
 
 
@@ -129,7 +124,7 @@ class WuerstchenPriorPipeline(PipelineBase):
         text = torch.cat([prompt_embeds, negative_prompt_embeds]) if guided else prompt_embeds
         latents = self.initial_latents(shape, latents, generator)
 
-        with self._running("prior") as prior:
+        with self.placement.running("prior") as prior:
             condition = {"text_kv": prior.condition(text)}  # once: it is the same at every step
 
             def model(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -139,13 +134,13 @@ class WuerstchenPriorPipeline(PipelineBase):
                 if "text_encoder_hidden_states" in edited:
                     condition["text_kv"] = prior.condition(edited["text_encoder_hidden_states"])
 
-            latents = self.denoise(
-                model=sampler.guided(model, guidance) if guided else model, latents=latents, timesteps=steps,
-                generator=generator, scheduler=self.scheduler, callback=callback_on_step_end, callback_inputs=names,
-                tensors={"text_encoder_hidden_states": text, "negative_prompt_embeds": negative_prompt_embeds},
-                on_edit=on_edit,
-            )
-        embeddings = latents * self.config.latent_mean - self.config.latent_std
+            step_end = StepEnd(self, callback_on_step_end, names,
+                               {"text_encoder_hidden_states": text, "negative_prompt_embeds": negative_prompt_embeds},
+                               on_edit)
+            latents = self.denoise(model=sampler.guided(model, guidance) if guided else model, latents=latents,
+                                   timesteps=steps, generator=generator, scheduler=self.scheduler, step_end=step_end)
+        embeddings = sampler.to_stage_b_range(latents, latent_mean=self.config.latent_mean,
+                                              latent_std=self.config.latent_std)
         if output_type == "np":
             embeddings = embeddings.cpu().float().numpy()
         return as_output(embeddings, return_dict, WuerstchenPriorPipelineOutput)
