@@ -150,6 +150,24 @@ def guided(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The forward (noising) process, for starting part-way: image to image
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, t: float, s: float = 0.008,
+              scaler: float = 1.0) -> torch.Tensor:
+    """The forward process at time t: sqrt(ᾱ(t))·latents + sqrt(1 - ᾱ(t))·noise, computed in float32. ᾱ(1) is
+    clamped to 1e-4, so t = 1 keeps 1% of the latents."""
+    abar = alpha_cumprod(torch.tensor([t], dtype=torch.float32), s, scaler).to(latents.device)
+    return (abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise.float()).to(latents.dtype)
+
+
+def timesteps_from(schedule: torch.Tensor, t: float) -> torch.Tensor:
+    """The part of a descending schedule that a run starting at time t takes: t, then the schedule's points
+    below it. From t = 1 this is the schedule itself."""
+    return torch.cat([torch.tensor([t], dtype=schedule.dtype), schedule[schedule < t]])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Stage C's range. Training mapped the image encoder's output x to Stage C's latents as (x + 1) / 42; the prior
 # pipeline's embeddings undo it, x * latent_mean - latent_std (diffusers' names, defaults 42 and 1), which is the
 # range Stage B is conditioned on.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,16 +33,18 @@ from wurst.weights import image_encoder as encoder_files
 DEFAULT_LONGEST_SIDE = 1024  # the size an image gets when height and width are not given
 
 
+@dataclass(frozen=True)
+class Img2ImgInputs:
+    images: list[torch.Tensor]  # each (3, H, W) in [0, 1]
+    prompts: list[str] | None  # one per image; None when prompt_embeds are given
+    height: int
+    width: int
+
+
 def check_strength(strength: float, name: str = "strength") -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
         raise ArgumentError(f"{name} must be a number within [0, 1], got {strength!r}")
     return float(strength)
-
-
-def timesteps_from(schedule: torch.Tensor, strength: float) -> torch.Tensor:
-    """The part of a descending schedule that image to image runs: from t = strength, then the schedule's points
-    below it. At strength 1 this is the schedule itself."""
-    return torch.cat([torch.tensor([strength], dtype=schedule.dtype), schedule[schedule < strength]])
 
 
 def default_size(image: torch.Tensor) -> tuple[int, int]:
@@ -144,15 +147,6 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         finally:
             self.image_encoder.to(home)
 
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, strength: float) -> torch.Tensor:
-        """Stage C's forward process at t = strength: sqrt(ᾱ)·latents + sqrt(1 - ᾱ)·noise, ᾱ from the prior
-        scheduler's cosine schedule (computed in float32). ᾱ(1) is clamped to 1e-4, so strength 1 keeps 1% of
-        the image."""
-        scheduler = self.prior_pipe.scheduler
-        abar = sampler.alpha_cumprod(torch.tensor([strength], dtype=torch.float32), scheduler.s,
-                                     scheduler.scaler).to(latents.device)
-        return (abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise.float()).to(latents.dtype)
-
     @torch.no_grad()
     def image_embeddings(
         self,
@@ -174,29 +168,44 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
     ) -> torch.Tensor:
         """The Stage C half of __call__: image embeddings (N·n, 16, h, w) in Stage B's range. At strength 0 they
         are the encoded images themselves (each repeated n times), and no random number is drawn."""
-        images, prompts, height, width = self._check_inputs(prompt, image, strength, height, width, prompt_embeds)
+        inputs = self._check_inputs(prompt, image, strength, height, width, prompt_embeds)
+        stage_c = self._check_stage_c(num_images_per_prompt, prior_num_inference_steps, prior_timesteps,
+                                      prior_guidance_scale)
+        return self._image_embeddings(
+            inputs, strength, *stage_c, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, generator=generator, callback=prior_callback_on_step_end,
+            callback_inputs=prior_callback_on_step_end_tensor_inputs)
+
+    @staticmethod
+    def _check_stage_c(num_images_per_prompt, prior_num_inference_steps, prior_timesteps, prior_guidance_scale):
+        """(images per input, Stage C's schedule, its guidance scale), checked."""
         n = checks.check_count("num_images_per_prompt", num_images_per_prompt)
-        schedule = checks.checked_timesteps("prior_num_inference_steps", prior_num_inference_steps, "prior_timesteps",
-                                      prior_timesteps)
-        checks.check_guidance("prior_guidance_scale", prior_guidance_scale)
-        encoded = self.encode_image(images, height, width)
+        schedule = checks.checked_timesteps("prior_num_inference_steps", prior_num_inference_steps,
+                                            "prior_timesteps", prior_timesteps)
+        return n, schedule, checks.check_guidance("prior_guidance_scale", prior_guidance_scale)
+
+    def _image_embeddings(self, inputs: Img2ImgInputs, strength: float, n: int, schedule: torch.Tensor,
+                          guidance_scale: float, *, negative_prompt, prompt_embeds, negative_prompt_embeds, generator,
+                          callback, callback_inputs) -> torch.Tensor:
+        """image_embeddings on checked inputs."""
+        encoded = self.encode_image(inputs.images, inputs.height, inputs.width)
         if strength == 0:
             return encoded.repeat_interleave(n, dim=0)
-        config = self.prior_pipe.config
-        latents = ((encoded + config.latent_std) / config.latent_mean).repeat_interleave(n, dim=0)
+        config, scheduler = self.prior_pipe.config, self.prior_pipe.scheduler
+        latents = sampler.to_stage_c_range(encoded, latent_mean=config.latent_mean,
+                                           latent_std=config.latent_std).repeat_interleave(n, dim=0)
         noise = sampler.randn(latents.shape, generator, latents.dtype, latents.device)  # text to image's first draw
         return self.prior_pipe(
-            prompt=prompts, height=height, width=width, timesteps=timesteps_from(schedule, strength).tolist(),
-            guidance_scale=prior_guidance_scale, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=n, generator=generator,
-            latents=self.add_noise(latents, noise, strength), output_type="pt", return_dict=False,
-            callback_on_step_end=prior_callback_on_step_end,
-            callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
+            prompt=inputs.prompts, height=inputs.height, width=inputs.width,
+            timesteps=sampler.timesteps_from(schedule, strength).tolist(), guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            num_images_per_prompt=n, generator=generator,
+            latents=sampler.add_noise(latents, noise, strength, scheduler.s, scheduler.scaler), output_type="pt",
+            return_dict=False, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback_inputs,
         )[0]
 
-    def _check_inputs(self, prompt, image, strength, height, width, prompt_embeds):
-        """(the images as (3, H, W) tensors in [0, 1], one prompt per image or None, height, width), each argument
-        checked. Files are read here, once."""
+    def _check_inputs(self, prompt, image, strength, height, width, prompt_embeds) -> Img2ImgInputs:
+        """The images, their prompts and the output size, each argument checked. Files are read here, once."""
         if image is None:
             raise ArgumentError("image is required: a PIL image, numpy array, tensor or file path, or a list of them")
         check_strength(strength)
@@ -219,7 +228,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
             auto_h, auto_w = default_size(images[0])
             height, width = height or auto_h, width or auto_w
         checks.check_size("height", height), checks.check_size("width", width)
-        return images, prompts, height, width
+        return Img2ImgInputs(images, prompts, height, width)
 
     @torch.no_grad()
     def __call__(
@@ -259,17 +268,15 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         checks.check_output_type(output_type, (*checks.OUTPUT_TYPES, "latent"))
         checks.check_callback_inputs(callback_on_step_end_tensor_inputs,
                                      self.decoder_pipe._callback_tensor_inputs, "callback_on_step_end_tensor_inputs")
-        images, prompts, height, width = self._check_inputs(prompt, image, strength, height, width, prompt_embeds)
-        embeddings = self.image_embeddings(
-            prompt=prompt, image=images, strength=strength, height=height, width=width,
-            prior_num_inference_steps=prior_num_inference_steps, prior_timesteps=prior_timesteps,
-            prior_guidance_scale=prior_guidance_scale, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
-            generator=generator, prior_callback_on_step_end=prior_callback_on_step_end,
-            prior_callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
-        )
+        inputs = self._check_inputs(prompt, image, strength, height, width, prompt_embeds)
+        stage_c = self._check_stage_c(num_images_per_prompt, prior_num_inference_steps, prior_timesteps,
+                                      prior_guidance_scale)
+        embeddings = self._image_embeddings(
+            inputs, strength, *stage_c, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, generator=generator, callback=prior_callback_on_step_end,
+            callback_inputs=prior_callback_on_step_end_tensor_inputs)
         return self.decoder_pipe(
-            image_embeddings=embeddings, prompt=prompts if prompts is not None else "",
+            image_embeddings=embeddings, prompt=inputs.prompts if inputs.prompts is not None else "",
             num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
             guidance_scale=decoder_guidance_scale, negative_prompt=negative_prompt, generator=generator,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
