@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from tests.helpers import ROOT, assert_one_line_error, files_in, run_cli
-from wurst import batch
 from wurst.api import load_pipeline
+from wurst.batch import app, plan
+from wurst.batch import folder as job_folder
 
 # Eight images of two sizes: unseeded lines (image k draws from BASE + k), a seeded line of two images (one
 # generator draws both, as `--num-images 2` does), a seeded single image and a negative prompt.
@@ -47,7 +48,7 @@ def repos(tiny_prior_repo, tiny_decoder_repo):
 
 
 def run_batch(args, capsys):
-    code = batch.main([str(a) for a in args])
+    code = app.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -106,8 +107,8 @@ def test_rerun_skips_what_is_done_and_redoes_what_is_not(prompts, repos, out_dir
     (out_dir / "000002.png").unlink()
     (out_dir / "000006.png").write_bytes(b"not the image")
     drawn = []
-    generate_group = batch.generate_group
-    monkeypatch.setattr(batch, "generate_group",
+    generate_group = app.generate_group
+    monkeypatch.setattr(app, "generate_group",
                         lambda pipe, group, *a, **k: drawn.append([i.index for i in group]) or generate_group(
                             pipe, group, *a, **k))
     assert run_batch(args, capsys)[0] == 0
@@ -131,21 +132,21 @@ def test_another_job_into_the_same_folder_is_refused_naming_the_difference(promp
 def test_batch_size_4_matches_batch_size_1(prompts, tiny_prior_repo, tiny_decoder_repo):
     """Four prompts in one forward pass, one generator each, against four single runs: equal within the
     parity tolerance (batched matrix products round differently; nothing else may differ)."""
-    args = batch.build_parser().parse_args([str(prompts), "--out", "unused", *JOB])
-    images = [i for i in batch.read_prompts(prompts, args) if i.drawn_with == 1 and i.height == 128]
-    groups = batch.plan_groups(images, 4)
+    args = app.build_parser().parse_args([str(prompts), "--out", "unused", *JOB])
+    images = [i for i in plan.read_prompts(prompts, args) if i.drawn_with == 1 and i.height == 128]
+    groups = plan.plan_groups(images, 4)
     assert [len(g) for g in groups] == [4, 1]
     pipe = load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", dtype=torch.float32)
-    together = batch.generate_group(pipe, groups[0], args, output_type="pt")
+    together = app.generate_group(pipe, groups[0], args, output_type="pt")
     for image, got in zip(groups[0], together, strict=True):
-        alone = batch.generate_group(pipe, [image], args, output_type="pt")[0]
+        alone = app.generate_group(pipe, [image], args, output_type="pt")[0]
         assert (got - alone).abs().max().item() <= 1e-5, image.index
 
 
 def test_groups_are_fixed_by_the_job(prompts):
-    args = batch.build_parser().parse_args([str(prompts), "--out", "unused", *JOB])
-    images = batch.read_prompts(prompts, args)
-    as_indices = lambda size: [[i.index for i in g] for g in batch.plan_groups(images, size)]  # noqa: E731
+    args = app.build_parser().parse_args([str(prompts), "--out", "unused", *JOB])
+    images = plan.read_prompts(prompts, args)
+    as_indices = lambda size: [[i.index for i in g] for g in plan.plan_groups(images, size)]  # noqa: E731
     # The seeded line of two (3, 4) is one group at every batch size; the 256-high image (5) batches alone.
     assert as_indices(1) == [[0], [1], [2], [3, 4], [5], [6], [7]]
     assert as_indices(2) == [[0, 1], [2, 6], [3, 4], [5], [7]]
@@ -229,8 +230,8 @@ def test_a_record_cut_short_by_a_kill_is_no_record(tmp_path):
     (tmp_path / ".journal").mkdir()
     path = tmp_path / ".journal" / "rank-0.jsonl"
     path.write_bytes(b'{"index": 0, "file": "000000.png"}\n{"index": 1, "fi')
-    assert set(batch.read_records(tmp_path)) == {0}
-    journal = batch.Journal(path)
+    assert set(job_folder.read_records(tmp_path)) == {0}
+    journal = job_folder.Journal(path)
     journal.append({"index": 2})
     assert path.read_bytes() == b'{"index": 0, "file": "000000.png"}\n{"index": 2}\n'
 

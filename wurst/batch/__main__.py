@@ -1,0 +1,3 @@
+from wurst.batch.app import main
+
+raise SystemExit(main())
