@@ -1,4 +1,4 @@
-"""wurst/preprocess.py: every accepted input becomes the (3, H, W) picture a user sees in it, in [0, 1]; resizing
+"""wurst/pipelines/preprocess.py: every accepted input becomes the (3, H, W) picture a user sees in it, in [0, 1]; resizing
 covers the target and keeps its center; normalisation is ImageNet's; bad inputs get one line naming them."""
 
 from __future__ import annotations

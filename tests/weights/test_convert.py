@@ -1,4 +1,4 @@
-"""tools/convert_weights.py: the compact wurst layout loads through Pipeline.from_pretrained and gives identical
+"""tools/convert_weights.py: the compact wurst layout loads through the pipelines' from_pretrained and gives identical
 images; casts, Stage C interpolation and refusals: an existing output, and original-format .pt files that are not
 plain tensors (weights-only loading refuses them in one line, runs nothing and writes nothing)."""
 
@@ -15,14 +15,22 @@ from safetensors.torch import load_file
 
 from tests.helpers import PROMPT, ROOT, RunsCode, files_in, run_module
 from tools import convert_weights, hub_fixtures
-from wurst import ModelNotFoundError, Pipeline, Prior
+from wurst import ModelNotFoundError, WuerstchenCombinedPipeline, WuerstchenPriorPipeline
+from wurst.weights import convert as convert_module
+from wurst.weights.convert import load_stage
+from wurst.weights.repository import read_repository
 
 RUN = dict(height=256, width=128, prior_num_inference_steps=4, num_inference_steps=12, output_type="pt")
 
 
 def images(prior, decoder, seed=3):
-    pipe = Pipeline.from_pretrained(prior, decoder, device="cpu")
-    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **RUN)
+    pipe = WuerstchenCombinedPipeline.from_pretrained(decoder, prior_repo=prior, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **RUN).images
+
+
+def stage_c(repo):
+    return read_repository(repo, "prior").load("prior", dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +47,7 @@ def test_converted_layout_gives_identical_images(converted, tiny_prior_repo, tin
 
 def to_release_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hub names -> the dome272 release names: q, k, v fused into nn.MultiheadAttention's in_proj, the
-    codebook under its original name. The inverse of what tools/original_format.py undoes."""
+    codebook under its original name. The inverse of what wurst.weights.original undoes."""
     out = {}
     for name, tensor in state.items():
         stem, _, leaf = name.partition("attention.")
@@ -85,8 +93,8 @@ def test_cast_to_bfloat16(tmp_path, tiny_prior_repo, tiny_decoder_repo, converte
                                  "--out", str(tmp_path), "--dtype", "bfloat16"]) == 0
     with safe_open(tmp_path / "decoder" / "stage_b.safetensors", "pt") as f:
         assert f.get_tensor("head.weight").dtype == torch.bfloat16
-    prior = Prior.from_pretrained(tmp_path / "prior", device="cpu", dtype=torch.bfloat16)
-    assert prior.model.head.weight.dtype == torch.bfloat16
+    prior = WuerstchenPriorPipeline.from_pretrained(tmp_path / "prior", torch_dtype=torch.bfloat16)
+    assert prior.prior.head.weight.dtype == torch.bfloat16
 
 
 def test_interpolate_two_stage_c_checkpoints(tmp_path, tiny_prior_repo, tiny_decoder_repo):
@@ -94,14 +102,14 @@ def test_interpolate_two_stage_c_checkpoints(tmp_path, tiny_prior_repo, tiny_dec
     model = WuerstchenPrior(**hub_fixtures.component_config("prior", "prior", "tiny")).eval()
     hub_fixtures.randomize_(model, 99, hub_fixtures.HEAD_GAIN)
     model.save_pretrained(other)
-    a = Prior.from_pretrained(tiny_prior_repo).model.state_dict()
-    b = convert_weights.load_stage(str(other), "prior", Prior.from_pretrained(tiny_prior_repo).model).state_dict()
+    a = stage_c(tiny_prior_repo).state_dict()
+    b = load_stage(str(other), "prior", stage_c(tiny_prior_repo)).state_dict()
     for alpha in (0.0, 0.25):
         out = tmp_path / f"blend-{alpha}"
         assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo),
                                      "--out", str(out), "--interpolate", str(tiny_prior_repo / "prior"), str(other),
                                      "--alpha", str(alpha)]) == 0
-        blended = Prior.from_pretrained(out / "prior").model.state_dict()
+        blended = stage_c(out / "prior").state_dict()
         for name in ("head.weight", "blocks.0.grn.gamma", "blocks.2.q_proj.bias"):
             torch.testing.assert_close(blended[name], (1 - alpha) * a[name] + alpha * b[name], rtol=0, atol=1e-7)
         assert not torch.equal(a["head.weight"], b["head.weight"])
@@ -116,7 +124,7 @@ def test_existing_output_is_refused(tmp_path, tiny_prior_repo, tiny_decoder_repo
 
 def test_converted_kinds_are_not_mixed_up(converted):
     with pytest.raises(ModelNotFoundError, match="holds a converted decoder, not the prior"):
-        Prior.from_pretrained(converted / "decoder")
+        WuerstchenPriorPipeline.from_pretrained(converted / "decoder")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,3 +214,27 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path, 
     assert convert_weights.main(argv) == 2
     assert (tmp_path / "prior" / "stage_c.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "prior"]  # nothing half-made left behind
+
+
+def test_a_tensor_that_does_not_survive_writing_replaces_nothing(tmp_path, tiny_prior_repo, tiny_decoder_repo,
+                                                                 monkeypatch, capsys):
+    """Each folder is reloaded and checked tensor by tensor before it is swapped in: a wrong one never is."""
+    argv = ["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), "--out", str(tmp_path),
+            "--overwrite", "--dtype", "bfloat16"]
+    assert convert_weights.main(argv) == 0
+    before = (tmp_path / "decoder" / "stage_b.safetensors").read_bytes()
+    real_save = convert_module.save_weights
+
+    def save_wrong_head(path, tensors, dtype=None):
+        if path.name == "stage_b.safetensors":
+            tensors = {**tensors, "head.weight": tensors["head.weight"] + 1}
+        real_save(path, tensors, dtype)
+
+    monkeypatch.setattr(convert_module, "save_weights", save_wrong_head)
+    capsys.readouterr()
+    assert convert_weights.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"convert_weights: error: {tmp_path / 'decoder'}: the stage_b tensor 'head.weight' did not survive "
+                   f"writing and reloading (nothing was replaced)\n")
+    assert (tmp_path / "decoder" / "stage_b.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "prior"]

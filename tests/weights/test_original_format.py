@@ -1,7 +1,9 @@
-"""tools/original_format.py: the authors' release files (.pt, original key layout) read into the hub layout give
-wurst models whose outputs match the original classes (tests/original_modules.py), load strictly into diffusers'
-classes, and yield the published configs; damaged, foreign or code-running files are refused."""
+"""wurst/weights/original.py: the authors' release files (.pt, original key layout) read into the hub layout give
+wurst models whose outputs match the original classes (tests/support/original_modules.py), load strictly into
+diffusers' classes, and yield the published configs, which the package carries as they are in configs/; damaged,
+foreign or code-running files are refused."""
 
+import json
 import os
 import pickle
 
@@ -11,7 +13,7 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 
 from tests.helpers import RunsCode, parity_bound, relative_error
 from tests.support import original_modules as original
-from tools import hub_fixtures
+from tools import hub_fixtures, package_configs
 from wurst import CheckpointError, ConfigError, ModelNotFoundError
 from wurst.models import stage_a, stage_b, stage_c
 from wurst.weights.configs import config_from_dict
@@ -156,6 +158,14 @@ def test_configs_of_published_sizes_are_the_published_configs():
         state = to_hub_names(model.state_dict(), kind)
         assert len(state) == counts[kind], kind
         assert original_config(kind, state) == published_config(kind), kind
+
+
+def test_packaged_published_configs_are_those_of_the_configs_folder():
+    """configs/ is the one source; the package carries a copy, since an installed wurst has no checkout."""
+    assert package_configs.PACKAGED.read_text(encoding="utf-8") == package_configs.packaged_text(), (
+        "wurst/weights/published_configs.json is stale: run python tools/package_configs.py")
+    for kind, source in package_configs.SOURCES.items():
+        assert published_config(kind) == json.loads(source.read_text(encoding="utf-8")), kind
 
 
 def test_head_counts_of_unpublished_widths_must_be_given():

@@ -4,25 +4,21 @@ converted prior folder, or what `fetch_image_encoder` extracts from the hub file
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import pickle
 import re
-import shutil
-import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from wurst.errors import CheckpointError, ModelNotFoundError
+from wurst.errors import CheckpointError, ConfigError, ModelNotFoundError
 from wurst.models.effnet import EfficientNetConfig, EfficientNetEncoder
-from wurst.weights.configs import config_from_dict, read_json
+from wurst.weights.configs import config_from_dict
+from wurst.weights.converted import CONVERTED_INDEX, read_index, replace_folder, save_weights, write_index
 from wurst.weights.hub import cache_root, hub_file
 from wurst.weights.keymaps import SAME_NAMES, image_encoder_keys
 from wurst.weights.load import load_module
+from wurst.weights.original import load_weights_only
 from wurst.weights.safetensors_io import read_safetensors
 
 CONVERTED_NAME = "stage_c_encoder"  # the weight file stem and wurst.json key in wurst's converted layout
@@ -85,19 +81,11 @@ def original_config(state: Mapping[str, torch.Tensor], source: str) -> Efficient
 
 def read_original(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The `effnet_state_dict` of an original release file, unpickled with weights_only=True (it cannot run
-    code) and memory-mapped, so that Stage B's weights beside it are never read."""
+    code) and memory-mapped, so that Stage B's weights beside it are never read (original.load_weights_only)."""
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"image encoder file not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} is corrupt or holds more than tensors, which weights-only loading "
-                              "refuses") from e
-    except Exception as e:  # torch.load reports damaged files with many types
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from e
+    payload = load_weights_only(path)
     state = payload.get(STATE_KEY) if isinstance(payload, Mapping) else None
     if not (isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise CheckpointError(f"{path} holds no Stage C image encoder: expected a dict of tensors under "
@@ -113,22 +101,21 @@ def load_original(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
 
 def has_converted(folder: str | os.PathLike) -> bool:
-    """Whether `folder` is in wurst's converted layout and holds the image encoder."""
-    index = Path(folder) / "wurst.json"
-    try:
-        return index.is_file() and CONVERTED_NAME in json.loads(index.read_text()).get("models", {})
-    except (OSError, ValueError, AttributeError):
+    """Whether `folder` is in wurst's converted layout and holds the image encoder. A wurst.json this wurst cannot
+    read (damaged, or in a newer format version) is refused, not taken for a folder without the encoder."""
+    if not (Path(folder) / CONVERTED_INDEX).is_file():
         return False
+    models = read_index(folder).get("models")
+    return isinstance(models, dict) and CONVERTED_NAME in models
 
 
 def load_converted(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> EfficientNetEncoder:
     folder = Path(folder)
-    index = read_json(folder / "wurst.json")
-    models = index.get("models")
+    models = read_index(folder).get("models")
     if not isinstance(models, dict) or CONVERTED_NAME not in models:
-        raise ModelNotFoundError(f"{folder / 'wurst.json'} lists no image encoder ('{CONVERTED_NAME}')")
-    cfg = config_from_dict(EfficientNetConfig, models[CONVERTED_NAME], f"{folder / 'wurst.json'} "
+        raise ModelNotFoundError(f"{folder / CONVERTED_INDEX} lists no image encoder ('{CONVERTED_NAME}')")
+    cfg = config_from_dict(EfficientNetConfig, models[CONVERTED_NAME], f"{folder / CONVERTED_INDEX} "
                            f"(models.{CONVERTED_NAME})")
     files = folder / f"{CONVERTED_NAME}.safetensors"
     state = read_safetensors(files)
@@ -150,21 +137,15 @@ def load_image_encoder(ref: str | os.PathLike, dtype: torch.dtype | None = None,
 
 def save_converted(model: EfficientNetEncoder, folder: str | os.PathLike) -> Path:
     """Write (or add to) a converted folder: stage_c_encoder.safetensors, and its config under wurst.json's models.
-    Written under temporary names and renamed, so an interruption leaves the folder as it was."""
-    from safetensors.torch import save_file
-
+    Each file is written atomically, the weights first, so an interruption leaves no index naming weights that
+    are not there."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    index_path = folder / "wurst.json"
-    index = read_json(index_path) if index_path.is_file() else {"format": "wurst", "version": 1,
-                                                                  "kind": "image_encoder"}
-    index.setdefault("models", {})[CONVERTED_NAME] = dataclasses.asdict(model.config)
-    weights = folder / f"{CONVERTED_NAME}.safetensors"
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(weights) + ".partial", metadata={"format": "pt"})
-    (folder / "wurst.json.partial").write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(str(weights) + ".partial", weights)
-    os.replace(folder / "wurst.json.partial", index_path)
+    index = read_index(folder) if (folder / CONVERTED_INDEX).is_file() else {"kind": "image_encoder"}
+    models = index.get("models") if isinstance(index.get("models"), dict) else {}
+    save_weights(folder / f"{CONVERTED_NAME}.safetensors", model.state_dict())
+    write_index(folder, kind=index.get("kind", "image_encoder"), pipeline=index.get("pipeline"),
+                scheduler=index.get("scheduler"), models={**models, CONVERTED_NAME: model.config})
     return folder
 
 
@@ -178,16 +159,16 @@ def fetch_image_encoder(dtype: torch.dtype | None = None,
     the Hugging Face cache) into $WURST_CACHE/image_encoder (default ~/.cache/wurst), and read from there
     afterwards, without the hub."""
     extracted = cache_root() / "image_encoder" / HUB_REPO.replace("/", "--")
-    if has_converted(extracted):
-        return load_converted(extracted, dtype, device)
+    try:
+        if has_converted(extracted):
+            return load_converted(extracted, dtype, device)
+    except (ConfigError, CheckpointError):  # a damaged (or another wurst's) extraction: this cache is ours to redo
+        pass
     path = hub_file(HUB_REPO, HUB_FILE, offline=f"the Stage C image encoder is missing: {HUB_FILE} of {HUB_REPO} is "
                     f"not in the Hugging Face cache and the hub cannot be reached (offline): run `hf download "
                     f"{HUB_REPO} {HUB_FILE}` on a connected machine, or pass image_encoder= (--image-encoder) a "
                     f"local {HUB_FILE} or converted folder")
     model = load_original(path, torch.float32, "cpu")
-    partial = extracted.with_name(extracted.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_converted(model, partial)
-    shutil.rmtree(extracted, ignore_errors=True)
-    partial.rename(extracted)
+    with replace_folder(extracted) as partial:
+        save_converted(model, partial)
     return load_converted(extracted, dtype, device)

@@ -24,7 +24,9 @@ stacked along dim 0, and `attention.attn.out_proj`), and the VQGAN codebook is `
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import os
 import pickle
 import pickletools
 import warnings
@@ -68,12 +70,9 @@ RENAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "vqgan": {"vquantizer.codebook.weight": ("vquantizer.embedding.weight",)},
 }
 
-_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "warp-ai"  # TODO package data
-PUBLISHED_CONFIGS = {
-    "prior": _CONFIGS / "wuerstchen-prior" / "prior" / "config.json",
-    "decoder": _CONFIGS / "wuerstchen" / "decoder" / "config.json",
-    "vqgan": _CONFIGS / "wuerstchen" / "vqgan" / "config.json",
-}
+# The published configs of the three stages, {kind: config.json}, as package data: an installed wurst has no
+# configs/ folder. tools/package_configs.py writes the file from configs/warp-ai, their one source.
+PUBLISHED_CONFIGS = "published_configs.json"
 
 
 def _check_kind(kind: str) -> None:
@@ -120,18 +119,15 @@ def _first_line(error: BaseException) -> str:
 # Reading
 
 
-def read_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
-    """The weights of an original release file, renamed to the hub layout of `kind` ("prior", "decoder" or
-    "vqgan"). The file is unpickled with weights_only=True, so it cannot run code, and memory-mapped when it is
-    in the zip format torch.save has written since PyTorch 1.6 (older files are read into memory)."""
-    _check_kind(kind)
+def load_weights_only(path: str | os.PathLike) -> Any:
+    """What torch.save wrote to `path`, unpickled with weights_only=True, so that it cannot run code, and
+    memory-mapped when it is in the zip format torch.save has written since PyTorch 1.6 (older files are read into
+    memory). Whatever torch.load raises becomes one CheckpointError line naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"missing checkpoint file: {path}")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses or loads
             warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # Raised both for garbage and for pickles that name functions or classes, which could run code.
         detail = _unpickler_reason(e)
@@ -142,7 +138,16 @@ def read_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
                               f"({detail.strip()})") from e
     except Exception as e:  # torch.load reports damaged files with many types: RuntimeError, EOFError, KeyError...
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from e
-    return to_hub_names(_pick_state(payload, kind, path), kind, str(path))
+
+
+def read_original(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
+    """The weights of an original release file, renamed to the hub layout of `kind` ("prior", "decoder" or
+    "vqgan"), read with load_weights_only."""
+    _check_kind(kind)
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"missing checkpoint file: {path}")
+    return to_hub_names(_pick_state(load_weights_only(path), kind, path), kind, str(path))
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -192,8 +197,10 @@ def to_hub_names(state: Mapping[str, torch.Tensor], kind: str, source: str = "st
 
 
 def published_config(kind: str) -> dict[str, Any]:
+    """The hub config.json of the published model of `kind` (a fresh dict, the caller's to change)."""
     _check_kind(kind)
-    return json.loads(PUBLISHED_CONFIGS[kind].read_text())
+    packaged = importlib.resources.files(__package__).joinpath(PUBLISHED_CONFIGS)
+    return json.loads(packaged.read_text(encoding="utf-8"))[kind]
 
 
 def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
@@ -286,8 +293,8 @@ def original_config(
 ) -> dict[str, Any]:
     """The hub config.json dict for `state` (hub-named, as read_original returns it). Widths, depth, block counts
     and channel counts are read from tensor shapes. The rest comes from `base` (a config of the same model, such
-    as the repository converted alongside) over the published config in configs/warp-ai: dropout, the VQGAN scale
-    factor, the pixel-(un)shuffle factors (the weights only fix their product with a channel count), and head
+    as the repository converted alongside) over the published config (configs/warp-ai, packaged): dropout, the VQGAN
+    scale factor, the pixel-(un)shuffle factors (the weights only fix their product with a channel count), and head
     counts, which are known only for the base's widths. `overrides` replace any field; models of other widths
     need `nhead=`."""
     published = {**published_config(kind), **(base or {})}

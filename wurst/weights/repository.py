@@ -16,6 +16,7 @@ from wurst.errors import ConfigError, ModelNotFoundError
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.models.validation import require_finite
 from wurst.weights.configs import config_from_dict, read_config, read_json
+from wurst.weights.converted import CONVERTED_INDEX, read_index
 from wurst.weights.hub import resolve
 from wurst.weights.safetensors_io import weight_files
 from wurst.weights.spec import COMPONENTS, check_against_weights, hub_config, load_component
@@ -74,9 +75,9 @@ KINDS = {
                               "warp-ai/wuerstchen"),
 }
 
-# wurst's own compact layout (written by tools/convert_weights.py): one folder per repository holding
-# wurst.json (every config), one safetensors file per model under wurst's module names, and tokenizer/.
-CONVERTED_INDEX = "wurst.json"
+# wurst's own compact layout (wurst.weights.converted, written by tools/convert_weights.py): one folder per
+# repository holding CONVERTED_INDEX (wurst.json: every config), one safetensors file per model under wurst's module
+# names, and tokenizer/.
 MODEL_CARD = "README.md"
 
 @dataclass
@@ -133,7 +134,7 @@ def read_hub(folder: Path, kind: str) -> Repository:
 def read_converted(folder: Path, kind: str) -> Repository:
     """A folder written by tools/convert_weights.py."""
     index_path = folder / CONVERTED_INDEX
-    index = read_json(index_path)
+    index = read_index(folder)
     if index.get("kind") != kind:
         raise ModelNotFoundError(f"{folder} holds a converted {index.get('kind')}, not the {kind}")
     fields = ("pipeline", "scheduler", "models")
