@@ -5,7 +5,7 @@ WuerstchenDecoderPipeline, AutoPipelineForText2Image) run with only the import l
 call from prompt to images.
 """
 
-from wurst.api import Decoder, Pipeline, Prior, generate, load_pipeline
+from wurst.api import generate, load_pipeline
 from wurst.errors import (
     ArgumentError,
     CheckpointError,
@@ -41,9 +41,6 @@ __all__ = [
     "DEFAULT_STAGE_C_TIMESTEPS",
     "generate",
     "load_pipeline",
-    "Pipeline",
-    "Prior",
-    "Decoder",
     "GenerationStopped",
     "NumericalError",
     "StageA",
@@ -67,4 +64,4 @@ __all__ = [
     "WurstError",
     "load_clip_text_encoder",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -1,27 +1,22 @@
 """`wurst.generate`: one call from prompt to images, with wurst's defaults (1024x1024, the published Stage C
-schedule, bfloat16 on CUDA and on CPUs that multiply bfloat16 natively), on the documented pipelines.
-
-Also the names wurst 0.1 used, `Pipeline`, `Prior` and `Decoder`, kept working for one release as thin
-wrappers of WuerstchenCombinedPipeline, WuerstchenPriorPipeline and WuerstchenDecoderPipeline. New code should
-use those.
+schedule, bfloat16 on CUDA and on CPUs that multiply bfloat16 natively), on the documented pipelines; and
+`wurst.load_pipeline`, which loads the combined pipeline it runs.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 
 import torch
 
-from wurst.errors import GenerationStopped
 from wurst.pipelines import checks
 from wurst.pipelines.combined import WuerstchenCombinedPipeline
-from wurst.pipelines.decoder import WuerstchenDecoderPipeline
-from wurst.pipelines.prior import WuerstchenPriorPipeline
+from wurst.pipelines.img2img import WuerstchenImg2ImgPipeline
 from wurst.runtime import memory
 from wurst.runtime.devices import default_device, default_dtype, parse_device
 from wurst.sampler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst.weights.image_encoder import choose_image_encoder
 
 DEFAULT_PRIOR, DEFAULT_DECODER = "warp-ai/wuerstchen-prior", "warp-ai/wuerstchen"
 
@@ -44,6 +39,21 @@ def load_pipeline(
     if not force and device.type != "cpu":  # on the CPU they are already where they run: mapped, not copied
         memory.check_weights_fit(pipe, device)
     return pipe.to(device)
+
+
+def load_img2img_pipeline(
+    *, prior: str | os.PathLike = DEFAULT_PRIOR, decoder: str | os.PathLike = DEFAULT_DECODER,
+    image_encoder: str | os.PathLike | None = None, device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None, low_memory: bool | None = None, force: bool = False,
+) -> WuerstchenImg2ImgPipeline:
+    """As load_pipeline (wurst's device, dtype and memory-mode defaults), for image to image. The encoder is found
+    first, so that a missing one is named before the large models load."""
+    device = parse_device(device, allow_meta=False) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    encoder = choose_image_encoder(image_encoder, prior=prior, dtype=dtype)
+    combined = load_pipeline(prior=prior, decoder=decoder, device=device, dtype=dtype, low_memory=low_memory,
+                             force=force)
+    return WuerstchenImg2ImgPipeline.from_pipes(combined.prior_pipe, combined.decoder_pipe, encoder)
 
 
 def default_low_memory(device: torch.device) -> bool:
@@ -104,123 +114,3 @@ def generate(
 
 
 generate.cache_clear = _cached_pipeline.cache_clear  # type: ignore[attr-defined]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# wurst 0.1's names, for one release
-
-OldStepCallback = Callable[[str, int, float, torch.Tensor], bool | None]  # (stage, step, t, latents); False stops
-
-
-def step_callback(callback: OldStepCallback | None, stage: str):
-    """A wurst 0.1 step callback in diffusers' form."""
-    if callback is None:
-        return None
-
-    def adapted(pipe, step: int, t: torch.Tensor, tensors: dict) -> dict:
-        if callback(stage, step, float(t), tensors["latents"]) is False:
-            raise GenerationStopped(f"generation stopped by the step callback after {stage} step {step + 1}")
-        return {}
-
-    return adapted
-
-
-class _Stage:
-    """A documented pipeline under its wurst 0.1 name: `model` is its denoiser, and the rest is the pipeline's."""
-
-    _model_attribute = ""
-    _pipeline_class: type = object
-    _default_ref = ""
-
-    def __init__(self, pipe):
-        object.__setattr__(self, "pipe", pipe)
-
-    @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike | None = None, device=None, dtype=None, low_memory: bool = False):
-        device = parse_device(device) if device is not None else default_device()
-        # wurst 0.1's default, kept for these names: bfloat16 on CUDA, float32 on every CPU.
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        pipe = cls._pipeline_class.from_pretrained(ref or cls._default_ref, torch_dtype=dtype, low_memory=low_memory)
-        pipe.set_progress_bar_config(disable=True)  # wurst 0.1 showed no bars
-        return cls(pipe.to(device))
-
-    def __getattr__(self, name: str):
-        return getattr(self.pipe, self._model_attribute if name == "model" else name)
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self.pipe, self._model_attribute if name == "model" else name, value)
-
-    def __delattr__(self, name: str) -> None:
-        delattr(self.pipe, self._model_attribute if name == "model" else name)
-
-
-class Prior(_Stage):
-    """Deprecated: use WuerstchenPriorPipeline. Calls return the image embeddings tensor."""
-
-    _model_attribute, _pipeline_class, _default_ref = "prior", WuerstchenPriorPipeline, DEFAULT_PRIOR
-
-    def __call__(self, prompt, height=1024, width=1024, negative_prompt=None, num_images_per_prompt=1,
-                 num_inference_steps=None, timesteps=None, guidance_scale=4.0, generator=None, latents=None,
-                 callback_on_step_end: OldStepCallback | None = None) -> torch.Tensor:
-        if num_inference_steps is None and timesteps is None:
-            timesteps = DEFAULT_STAGE_C_TIMESTEPS
-        return self.pipe(
-            prompt=prompt, height=height, width=width, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-            timesteps=timesteps, guidance_scale=guidance_scale, generator=generator, latents=latents,
-            callback_on_step_end=step_callback(callback_on_step_end, "prior"),
-        ).image_embeddings
-
-
-class Decoder(_Stage):
-    """Deprecated: use WuerstchenDecoderPipeline. Calls return the images (a tensor by default)."""
-
-    _model_attribute, _pipeline_class, _default_ref = "decoder", WuerstchenDecoderPipeline, DEFAULT_DECODER
-
-    def __call__(self, image_embeddings, prompt="", negative_prompt=None, num_images_per_prompt=1,
-                 num_inference_steps=12, timesteps=None, guidance_scale=0.0, generator=None, latents=None,
-                 output_type="pt", callback_on_step_end: OldStepCallback | None = None):
-        return self.pipe(
-            image_embeddings, prompt=prompt, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-            timesteps=timesteps, guidance_scale=guidance_scale, generator=generator, latents=latents,
-            output_type=output_type, callback_on_step_end=step_callback(callback_on_step_end, "decoder"),
-        ).images
-
-
-class Pipeline:
-    """Deprecated: use WuerstchenCombinedPipeline (or wurst.generate). `prior` and `decoder` are the two
-    stages under their wurst 0.1 names; calls default to 1024x1024 and the published Stage C schedule."""
-
-    def __init__(self, prior: Prior, decoder: Decoder, prior_ref: str = "", decoder_ref: str = ""):
-        self.prior, self.decoder = prior, decoder
-        self.prior_ref, self.decoder_ref = prior_ref, decoder_ref
-
-    @classmethod
-    def from_pretrained(cls, prior: str | os.PathLike = DEFAULT_PRIOR, decoder: str | os.PathLike = DEFAULT_DECODER,
-                        device=None, dtype=None, low_memory: bool = False) -> Pipeline:
-        return cls(Prior.from_pretrained(prior, device, dtype, low_memory),
-                   Decoder.from_pretrained(decoder, device, dtype, low_memory), str(prior), str(decoder))
-
-    def compile(self, **options) -> Pipeline:
-        """torch.compile both denoisers in place (fullgraph=True; `options` go to torch.compile)."""
-        for stage in (self.prior, self.decoder):
-            if stage.pipe._models and not isinstance(stage.model, torch.nn.Module):
-                raise ValueError("compile() needs resident models: load the pipeline without low_memory")
-            stage.model.compile(fullgraph=True, **options)
-        return self
-
-    def __call__(self, prompt, height=1024, width=1024, negative_prompt=None, num_images_per_prompt=1,
-                 prior_num_inference_steps=None, prior_timesteps=None, prior_guidance_scale=4.0,
-                 num_inference_steps=12, decoder_timesteps=None, decoder_guidance_scale=0.0, generator=None,
-                 output_type="pil", callback_on_step_end: OldStepCallback | None = None):
-        combined = WuerstchenCombinedPipeline.from_pipes(self.prior.pipe, self.decoder.pipe)
-        return combined(
-            prompt, height=height, width=width, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, prior_guidance_scale=prior_guidance_scale,
-            **prior_schedule(prior_num_inference_steps, prior_timesteps),
-            num_inference_steps=num_inference_steps, decoder_timesteps=decoder_timesteps,
-            decoder_guidance_scale=decoder_guidance_scale, generator=generator, output_type=output_type,
-            prior_callback_on_step_end=step_callback(callback_on_step_end, "prior"),
-            callback_on_step_end=step_callback(callback_on_step_end, "decoder"),
-        ).images

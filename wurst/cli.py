@@ -227,7 +227,7 @@ def run(argv: list[str]) -> list[Path]:
     # Loading reads the configs and maps the weights; nothing is computed before the memory check, which comes
     # before the numbered outputs are listed (an absurd --num-images is refused, not listed).
     if inputs:
-        from wurst.pipelines.img2img import load_img2img_pipeline
+        from wurst.api import load_img2img_pipeline
 
         pipe = load_img2img_pipeline(prior=args.prior, decoder=args.decoder, image_encoder=args.image_encoder,
                                      device=device, dtype=dtype, low_memory=args.low_memory,

@@ -28,7 +28,7 @@ from wurst.pipelines.combined import WuerstchenCombinedPipeline
 from wurst.pipelines.decoder import WuerstchenDecoderPipeline
 from wurst.pipelines.outputs import ImagePipelineOutput
 from wurst.pipelines.prior import WuerstchenPriorPipeline
-from wurst.weights import image_encoder as encoder_files
+from wurst.weights.image_encoder import choose_image_encoder
 
 DEFAULT_LONGEST_SIDE = 1024  # the size an image gets when height and width are not given
 
@@ -55,25 +55,6 @@ def default_size(image: torch.Tensor) -> tuple[int, int]:
     return tuple(max(grid, round(side * scale / grid) * grid) for side in (h, w))  # type: ignore[return-value]
 
 
-def resolve_image_encoder(image_encoder: str | os.PathLike | nn.Module | None, prior_folder: str | None,
-                          dtype: torch.dtype) -> nn.Module:
-    """The encoder given, else the one a converted prior folder holds, else the published one (extracted once
-    from dome272/wuerstchen's model_v2_stage_b.pt)."""
-    if isinstance(image_encoder, nn.Module):
-        return image_encoder
-    if image_encoder is not None:
-        return encoder_files.load_image_encoder(image_encoder, dtype, "cpu")
-    if prior_folder is not None and encoder_files.has_converted(prior_folder):
-        return encoder_files.load_converted(prior_folder, dtype, "cpu")
-    return encoder_files.fetch_image_encoder(dtype, "cpu")
-
-
-def early_image_encoder(image_encoder: str | os.PathLike | nn.Module | None, prior: str | os.PathLike,
-                        dtype: torch.dtype) -> nn.Module:
-    """resolve_image_encoder before the prior is read, with `prior` as given (a hub id is never converted)."""
-    return resolve_image_encoder(image_encoder, str(prior) if os.path.isdir(prior) else None, dtype)
-
-
 class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
     """Image to image, variations and reconstruction: WuerstchenCombinedPipeline's components plus
     `image_encoder` (Stage C's EfficientNet encoder)."""
@@ -93,7 +74,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         pipe = super().from_pipes(prior_pipe, decoder_pipe)
         pipe._extra = types.SimpleNamespace(image_encoder=None)
         folder = getattr(prior_pipe, "name_or_path", None)
-        pipe.image_encoder = resolve_image_encoder(image_encoder, folder, prior_pipe.dtype).to(
+        pipe.image_encoder = choose_image_encoder(image_encoder, prior=folder, dtype=prior_pipe.dtype).to(
             prior_pipe.device, prior_pipe.dtype)
         pipe._check_widths()
         return pipe
@@ -108,7 +89,8 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
         model_v2_stage_b.pt, a converted folder holding stage_c_encoder.safetensors, or a module); by default the
         converted prior folder's, else the published one, fetched once through the Hugging Face cache."""
         if prior_repo is not None:  # the encoder first: a missing one is found before the large models load
-            image_encoder = early_image_encoder(image_encoder, prior_repo, torch_dtype or torch.float32)
+            image_encoder = choose_image_encoder(image_encoder, prior=prior_repo,
+                                                 dtype=torch_dtype or torch.float32)
         combined = WuerstchenCombinedPipeline.from_pretrained(
             pretrained_model_name_or_path, prior_repo=prior_repo, torch_dtype=torch_dtype, low_memory=low_memory,
             **components)
@@ -308,20 +290,3 @@ class AutoPipelineForImage2Image:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
                         **kwargs) -> WuerstchenImg2ImgPipeline:
         return WuerstchenImg2ImgPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-
-def load_img2img_pipeline(
-    *, prior: str | os.PathLike, decoder: str | os.PathLike, image_encoder: str | os.PathLike | None = None,
-    device: torch.device | str | None = None, dtype: torch.dtype | None = None, low_memory: bool | None = None,
-    force: bool = False,
-) -> WuerstchenImg2ImgPipeline:
-    """As wurst.load_pipeline (wurst's device, dtype and memory-mode defaults), for image to image."""
-    from wurst.api import load_pipeline
-    from wurst.runtime.devices import default_device, default_dtype
-
-    dtype = dtype or default_dtype(torch.device(device) if device is not None else default_device())
-    encoder = early_image_encoder(image_encoder, prior, dtype)
-    combined = load_pipeline(prior=prior, decoder=decoder, device=device, dtype=dtype, low_memory=low_memory,
-                             force=force)
-    return WuerstchenImg2ImgPipeline.from_pipes(combined.prior_pipe, combined.decoder_pipe, encoder)
-

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from wurst.errors import CheckpointError, ConfigError, ModelNotFoundError
 from wurst.models.effnet import EfficientNetConfig, EfficientNetEncoder
@@ -172,3 +173,17 @@ def fetch_image_encoder(dtype: torch.dtype | None = None,
     with replace_folder(extracted) as partial:
         save_converted(model, partial)
     return load_converted(extracted, dtype, device)
+
+
+def choose_image_encoder(given: str | os.PathLike | nn.Module | None, *, prior: str | os.PathLike | None,
+                         dtype: torch.dtype) -> nn.Module:
+    """The encoder image to image uses, on the CPU in `dtype`: the one `given` (a module, an original .pt file or a
+    converted folder), else the one a converted prior folder holds (`prior` may also be a hub id, which is never
+    converted), else the published one (fetch_image_encoder)."""
+    if isinstance(given, nn.Module):
+        return given
+    if given is not None:
+        return load_image_encoder(given, dtype, "cpu")
+    if prior is not None and os.path.isdir(prior) and has_converted(prior):
+        return load_converted(prior, dtype, "cpu")
+    return fetch_image_encoder(dtype, "cpu")
