@@ -1,5 +1,5 @@
-"""wurst/pipelines/preprocess.py: every accepted input becomes the (3, H, W) picture a user sees in it, in [0, 1]; resizing
-covers the target and keeps its center; normalisation is ImageNet's; bad inputs get one line naming them."""
+"""wurst/pipelines/preprocess.py: every accepted input becomes the (3, H, W) picture a user sees in it, in [0, 1];
+resizing covers the target and keeps its center; normalisation is ImageNet's; bad inputs get one line naming them."""
 
 from __future__ import annotations
 

@@ -1,23 +1,20 @@
-"""CLIP BPE tokenizer on the `tokenizers` library, loaded from a hub `tokenizer/` folder.
+"""CLIP BPE tokenizer on the `tokenizers` library: prompts -> fixed-length ids and attention masks.
 
-Two folder layouts exist on the hub: a `tokenizer.json` (the whole pipeline, serialised), and the older
-`vocab.json` + `merges.txt` with `tokenizer_config.json` / `special_tokens_map.json`. For the second we
-assemble the same pipeline CLIP uses: NFC, whitespace runs collapsed, lower-case; CLIP's split pattern;
-byte-level BPE with a `</w>` end-of-word suffix; and `<|startoftext|> ... <|endoftext|>` around the ids.
-Padding and the maximum length come from the folder's config, as transformers reads them.
+A hub `tokenizer/` folder (read by wurst/weights/tokenizer_files.py) holds either a `tokenizer.json`, the whole
+pipeline serialised, or the older `vocab.json` + `merges.txt`. For the second, clip_bpe assembles the pipeline CLIP
+uses: NFC, whitespace runs collapsed, lower-case; CLIP's split pattern; byte-level BPE with a `</w>` end-of-word
+suffix; and `<|startoftext|> ... <|endoftext|>` around the ids.
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from wurst.errors import ConfigError, ModelNotFoundError
-from wurst.weights.configs import read_json
+from wurst.errors import ConfigError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length, when the folder does not say
@@ -30,23 +27,9 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder's context and its tail was cut."""
 
 
-def _token_text(value: object) -> str | None:
-    """Special tokens appear either as plain strings or as AddedToken dicts."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _tokenizer_from_vocab(folder: Path, unk: str) -> Tokenizer:
-    vocab = read_json(folder / "vocab.json")
-    merges_path = folder / "merges.txt"
-    try:
-        lines = merges_path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as e:
-        raise ModelNotFoundError(f"missing file: {merges_path}") from e
-    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-    if any(len(m) != 2 for m in merges):
-        raise ConfigError(f"{merges_path} is malformed: every line must hold two symbols")
+def clip_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], unk: str) -> Tokenizer:
+    """CLIP's tokenizer pipeline around a BPE vocabulary and its merges (the older vocab.json + merges.txt
+    layout, where no tokenizer.json spells it out)."""
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, continuing_subword_prefix="",
                         end_of_word_suffix="</w>", fuse_unk=False))
     tok.normalizer = normalizers.Sequence(
@@ -74,36 +57,6 @@ class CLIPTokenizer:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.pad_token, self.pad_id, self.max_length = pad_token, pad_id, max_length
-
-    @classmethod
-    def from_dir(cls, folder: str | Path) -> CLIPTokenizer:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ModelNotFoundError(f"tokenizer folder not found: {folder}")
-        settings: dict = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
-            if (folder / name).is_file():
-                settings.update(read_json(folder / name))
-        pad = _token_text(settings.get("pad_token")) or EOS
-        unk = _token_text(settings.get("unk_token")) or EOS
-        bos = _token_text(settings.get("bos_token")) or BOS
-        eos = _token_text(settings.get("eos_token")) or EOS
-        max_length = settings.get("model_max_length")
-        if not isinstance(max_length, int) or not 0 < max_length <= 4096:  # absent, or transformers' 1e30
-            max_length = DEFAULT_MAX_LENGTH
-        if (folder / "tokenizer.json").is_file():
-            try:
-                tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            except Exception as e:  # the tokenizers library raises a bare Exception on bad files
-                raise ConfigError(f"{folder / 'tokenizer.json'} cannot be read: {e}") from e
-        elif (folder / "vocab.json").is_file():
-            tokenizer = _tokenizer_from_vocab(folder, unk)
-        else:
-            raise ModelNotFoundError(f"{folder} holds neither tokenizer.json nor vocab.json + merges.txt")
-        # transformers matches every configured special token whole, before BPE (so with pad "!", "!!!" is
-        # three pad-token ids, not one "!!!" merge); do the same.
-        tokenizer.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys((bos, eos, unk, pad))])
-        return cls(tokenizer, pad, max_length)
 
     def __call__(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (input_ids, attention_mask), each (len(prompts), max_length) int64."""

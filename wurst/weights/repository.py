@@ -20,6 +20,7 @@ from wurst.weights.converted import CONVERTED_INDEX, read_index
 from wurst.weights.hub import resolve
 from wurst.weights.safetensors_io import weight_files
 from wurst.weights.spec import COMPONENTS, check_against_weights, hub_config, load_component
+from wurst.weights.tokenizer_files import read_tokenizer
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def read_hub(folder: Path, kind: str) -> Repository:
     for c in spec.components:
         check_against_weights(c, config=configs[c], files=files[c],
                               config_source=str(folder / COMPONENTS[c].folder / "config.json"))
-    tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+    tokenizer = read_tokenizer(folder / "tokenizer")
     check_tokenizer(tokenizer, configs["text_encoder"], str(folder / "text_encoder" / "config.json"))
     return Repository(
         folder=folder,
@@ -151,7 +152,7 @@ def read_converted(folder: Path, kind: str) -> Repository:
         files[component] = [folder / f"{spec.converted_name}.safetensors"]
         check_against_weights(component, config=configs[component], files=files[component], converted=True,
                               config_source=source)
-    tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+    tokenizer = read_tokenizer(folder / "tokenizer")
     check_tokenizer(tokenizer, configs["text_encoder"], f"{index_path} (models.text_encoder)")
     return Repository(
         folder=folder,

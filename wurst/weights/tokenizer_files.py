@@ -1,0 +1,63 @@
+"""The tokenizer's files: a hub `tokenizer/` folder read into a models.tokenizer.CLIPTokenizer. Two layouts exist on
+the hub: `tokenizer.json` (the whole pipeline, serialised), and the older `vocab.json` + `merges.txt`; either has
+`tokenizer_config.json` / `special_tokens_map.json` beside it, read as transformers reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer
+
+from wurst.errors import ConfigError, ModelNotFoundError
+from wurst.models.tokenizer import BOS, DEFAULT_MAX_LENGTH, EOS, CLIPTokenizer, clip_bpe
+from wurst.weights.configs import read_json
+
+
+def _token_text(value: object) -> str | None:
+    """Special tokens appear either as plain strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"missing file: {path}") from e
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    if any(len(m) != 2 for m in merges):
+        raise ConfigError(f"{path} is malformed: every line must hold two symbols")
+    return merges  # type: ignore[return-value]
+
+
+def read_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """The CLIPTokenizer of a hub `tokenizer/` folder: tokenizer.json, or vocab.json + merges.txt, with the
+    padding, special tokens and maximum length its tokenizer_config.json / special_tokens_map.json give."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"tokenizer folder not found: {folder}")
+    settings: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        if (folder / name).is_file():
+            settings.update(read_json(folder / name))
+    pad = _token_text(settings.get("pad_token")) or EOS
+    unk = _token_text(settings.get("unk_token")) or EOS
+    bos = _token_text(settings.get("bos_token")) or BOS
+    eos = _token_text(settings.get("eos_token")) or EOS
+    max_length = settings.get("model_max_length")
+    if not isinstance(max_length, int) or not 0 < max_length <= 4096:  # absent, or transformers' 1e30
+        max_length = DEFAULT_MAX_LENGTH
+    if (folder / "tokenizer.json").is_file():
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+            raise ConfigError(f"{folder / 'tokenizer.json'} cannot be read: {e}") from e
+    elif (folder / "vocab.json").is_file():
+        tokenizer = clip_bpe(read_json(folder / "vocab.json"), _read_merges(folder / "merges.txt"), unk)
+    else:
+        raise ModelNotFoundError(f"{folder} holds neither tokenizer.json nor vocab.json + merges.txt")
+    # transformers matches every configured special token whole, before BPE (so with pad "!", "!!!" is
+    # three pad-token ids, not one "!!!" merge); do the same.
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys((bos, eos, unk, pad))])
+    return CLIPTokenizer(tokenizer, pad, max_length)
