@@ -1,4 +1,4 @@
-"""Loader core: resolve a model reference, read configs, and fill meta-device modules from safetensors.
+"""Modules filled from checkpoint tensors: built on the meta device, then assigned the tensors.
 
 Tensors are memory-mapped straight out of the file (no copy, no random init): the module is built on the
 meta device and its parameters are assigned the mapped tensors, so peak memory stays at one copy of the
@@ -15,17 +15,6 @@ from torch import nn
 
 from wurst.errors import CheckpointError
 from wurst.weights.keymaps import KeyMap
-
-# ---------------------------------------------------------------------------------------------------------
-# Configs
-
-
-# ---------------------------------------------------------------------------------------------------------
-# safetensors, memory-mapped
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoint names -> module names
 
 
 def _shape(t: torch.Size | list[int]) -> str:
@@ -100,9 +89,3 @@ def load_module(
         assigned[name] = tensor.to(device) if device is not None else tensor
     module.load_state_dict(assigned, strict=True, assign=True)
     return module.eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cast copies: the weights in another dtype, written once and mapped from then on
-
-
