@@ -177,7 +177,7 @@ def image_encoder_keys(cfg: EfficientNetConfig) -> KeyMap:
     for i, expand in enumerate(cfg.expand_ratios):
         block, ours = f"backbone.{i + 1}.{{}}.block", f"stages.{i}.{{}}"
         if i < cfg.fused_stages:
-            parts = ["project", "conv"] if expand != 1 else ["conv"]
+            parts = ["conv", "project"] if expand != 1 else ["conv"]
         else:
             parts = ["expand", "depthwise", "se", "project"] if expand != 1 else ["depthwise", "se", "project"]
         for k, part in enumerate(parts):
