@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tools import hub_fixtures  # first: see tools/__init__.py
-from wurst import Pipeline
+from wurst import WuerstchenCombinedPipeline
 
 # The 2-core machine this runs on: keep the thread count fixed so timings and reductions are repeatable.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -22,8 +22,12 @@ def tiny_decoder_repo():
 
 @pytest.fixture(scope="module")
 def pipe(tiny_prior_repo, tiny_decoder_repo):
-    """The tiny pipeline in float32 on the CPU, shared by the tests of one module."""
-    return Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu", dtype=torch.float32)
+    """The tiny combined pipeline in float32 on the CPU, its models resident, no progress bars; shared by the tests
+    of one module."""
+    pipe = WuerstchenCombinedPipeline.from_pretrained(tiny_decoder_repo, prior_repo=tiny_prior_repo,
+                                                      torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture

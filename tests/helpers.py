@@ -1,8 +1,10 @@
 """Constants and plain functions shared by several test modules: prompts, the parity tolerance, the CLI harness
-(in-process and in a subprocess) and file helpers. Fixtures live in tests/conftest.py."""
+(in-process and in a subprocess), the memory probe of the peak-RSS measurements, file helpers, and running wurst
+and diffusers alike (run_both). Fixtures live in tests/conftest.py."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -108,6 +110,22 @@ def assert_one_line_error(code, out, err, culprit, folder, *, exit_code=2, prefi
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Memory, as the kernel counts it
+
+
+def rss(field: str) -> int:
+    """Bytes of a memory field of /proc/self/status: "VmRSS" (resident now) or "VmHWM" (the peak so far)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"/proc/self/status has no {field} line")
+
+
+# rss() as source, for the scripts the measurements run in a fresh process: they begin with it.
+RSS_PROBE = inspect.getsource(rss)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Damaged and hostile files
 
 
@@ -135,10 +153,16 @@ def seeded(seed: int = 7) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run_both(pair, *args, seed: int = 7, **kwargs):
-    """The same call on (wurst's, diffusers') pipelines, each with a fresh generator of the same seed."""
+def run_both(pair, *args, seed: int = 7, output: str | None = None, **kwargs):
+    """The same call on (wurst's, diffusers') pipelines, each with a fresh CPU generator of the same seed (as the
+    documentation's examples seed them). Both outputs as they come; or, when `output` names a field of them
+    ("images", "image_embeddings"), that field of each, on the CPU (the pipelines may run on WURST_TEST_DEVICE)."""
     ours, ref = pair
-    return ours(*args, generator=seeded(seed), **kwargs), ref(*args, generator=seeded(seed), **kwargs)
+    results = ours(*args, generator=seeded(seed), **kwargs), ref(*args, generator=seeded(seed), **kwargs)
+    if output is None:
+        return results
+    got, expected = (getattr(result, output) for result in results)
+    return got.cpu(), expected.cpu()
 
 
 def assert_close_images(got, expected, tolerance: float) -> None:

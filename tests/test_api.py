@@ -1,6 +1,7 @@
-"""The whole pipeline: seed parity of wurst.Pipeline with diffusers' WuerstchenCombinedPipeline (assembled from
-components), wurst.generate, output types, the step callback, low-memory mode and torch.compile, and NaN or inf in
-the latents or the image stopping the run (NumericalError through the API, one line and no file through the CLI)."""
+"""The whole pipeline: seed parity of wurst.WuerstchenCombinedPipeline with diffusers' WuerstchenCombinedPipeline
+(assembled from components), wurst.generate and wurst.load_pipeline, output types, low-memory mode and torch.compile,
+and NaN or inf in the latents or the image stopping the run (NumericalError through the API, one line and no file
+through the CLI)."""
 
 import shutil
 import subprocess
@@ -21,17 +22,19 @@ from tests.helpers import (
     ONE_STEP,
     OTHER,
     PROMPT,
+    RSS_PROBE,
     SHORT_PROMPT,
     SMALL,
     WEIGHTS,
     assert_images_informative,
     assert_one_line_error,
     edit_weights,
+    run_both,
     run_cli,
 )
 from tests.support import reference
 from tools import hub_fixtures
-from wurst import DEFAULT_STAGE_C_TIMESTEPS, GenerationStopped, NumericalError, Pipeline, WurstError
+from wurst import DEFAULT_STAGE_C_TIMESTEPS, NumericalError, WurstError
 from wurst.runtime.offload import OnDemand
 
 
@@ -43,18 +46,15 @@ def tiny_pair(tiny_prior_repo, tiny_decoder_repo):
     return ours, reference.combined_pipeline(tiny_prior_repo, tiny_decoder_repo).to(DEVICE)
 
 
-def run_both(ours, ref, prompt, seed=7, **kwargs):
-    """The same call on both, seeded alike (a CPU generator, as the documentation's examples use)."""
-    if "prior_num_inference_steps" not in kwargs and "prior_timesteps" not in kwargs:
-        kwargs["prior_timesteps"] = DEFAULT_STAGE_C_TIMESTEPS  # wurst.generate's default
-    got = ours(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
-    expected = ref(prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
-    return got.cpu(), expected.cpu()
-
+# run_both's images, as tensors on the CPU
+IMAGES = dict(output="images", output_type="pt")
+# wurst.generate's Stage C schedule, which the runs without a step count of their own use.
+PUBLISHED_SCHEDULE = dict(prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS)
 
 RUNS = {
-    "defaults": dict(),
-    "negative-prompt-guided-decoder": dict(negative_prompt="blurry, low quality", decoder_guidance_scale=2.0),
+    "defaults": dict(PUBLISHED_SCHEDULE),
+    "negative-prompt-guided-decoder": dict(PUBLISHED_SCHEDULE, negative_prompt="blurry, low quality",
+                                           decoder_guidance_scale=2.0),
     "two-per-prompt": dict(num_images_per_prompt=2, prior_num_inference_steps=10),
     "non-square": dict(height=384, width=256, prior_num_inference_steps=10),
     "tall": dict(height=128, width=512, prior_guidance_scale=8.0, prior_num_inference_steps=10),
@@ -65,9 +65,8 @@ RUNS = {
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_tiny_seed_parity(name, tiny_pair):
-    ours, ref = tiny_pair
     kwargs = {"height": 256, "width": 256, **RUNS[name]}
-    got, expected = run_both(ours, ref, PROMPT, **kwargs)
+    got, expected = run_both(tiny_pair, PROMPT, **IMAGES, **kwargs)
     assert got.shape == expected.shape == (kwargs.get("num_images_per_prompt", 1), 3, kwargs["height"], kwargs["width"])
     assert (got - expected).abs().max() <= 1e-3
     if "custom" not in name:  # six decoder steps are too few for random weights to stay off the clamp
@@ -82,9 +81,9 @@ def test_tiny_bfloat16_parity(tiny_pair, tiny_prior_repo, tiny_decoder_repo):
                                                             torch_dtype=torch.bfloat16).to(DEVICE)
     ours.set_progress_bar_config(disable=True)
     ref = reference.combined_pipeline(tiny_prior_repo, tiny_decoder_repo, torch.bfloat16).to(DEVICE)
-    kwargs = dict(height=256, width=384, negative_prompt="ugly", decoder_guidance_scale=2.0)
-    got, expected = run_both(ours, ref, PROMPT, seed=1, **kwargs)
-    _, exact = run_both(*tiny_pair, PROMPT, seed=1, **kwargs)
+    kwargs = dict(PUBLISHED_SCHEDULE, height=256, width=384, negative_prompt="ugly", decoder_guidance_scale=2.0)
+    got, expected = run_both((ours, ref), PROMPT, seed=1, **IMAGES, **kwargs)
+    _, exact = run_both(tiny_pair, PROMPT, seed=1, **IMAGES, **kwargs)
     ours_error, theirs_error = ((x.float() - exact).abs().mean().item() for x in (got, expected))
     assert ours_error <= 1.05 * theirs_error
     assert (got.float() - expected.float()).abs().mean() <= 0.005
@@ -117,34 +116,6 @@ def test_tiny_output_types(tiny_pair):
     image = runs["pil"][0]
     assert image.size == (256, 128) and image.mode == "RGB"
     assert np.array_equal(np.asarray(image), (runs["np"][0] * 255).round().astype(np.uint8))
-
-
-def test_wurst_0_1_names_still_work(tiny_pair, tiny_prior_repo, tiny_decoder_repo):
-    """Pipeline, Prior and Decoder (wurst 0.1's classes) are kept for one release: same images as the documented
-    classes, and their step callback, (stage, step, t, latents) -> False to stop."""
-    old = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device=DEVICE)
-    kwargs = dict(height=256, width=128, prior_num_inference_steps=3, num_inference_steps=2, output_type="pt")
-    expected = tiny_pair[0](PROMPT, generator=torch.Generator().manual_seed(4), **kwargs).images
-    assert torch.equal(old(PROMPT, generator=torch.Generator().manual_seed(4), **kwargs), expected)
-    embeddings = old.prior(PROMPT, 256, 128, num_inference_steps=3, generator=torch.Generator().manual_seed(4))
-    assert embeddings.shape == (1, 16, 6, 3) and old.prior.model is old.prior.pipe.prior
-
-    ours = old
-    seen = []
-
-    def watch(stage, step, timestep, latents):
-        seen.append((stage, step, round(timestep, 4), tuple(latents.shape)))
-
-    ours(PROMPT, height=256, width=128, prior_num_inference_steps=3, num_inference_steps=2, callback_on_step_end=watch)
-    assert seen == [("prior", 0, 1.0, (1, 16, 6, 3)), ("prior", 1, 0.6667, (1, 16, 6, 3)),
-                    ("prior", 2, 0.3333, (1, 16, 6, 3)), ("decoder", 0, 1.0, (1, 4, 64, 32)),
-                    ("decoder", 1, 0.5, (1, 4, 64, 32))]
-
-    def stop_in_decoder(stage, step, timestep, latents):
-        return stage != "decoder"
-
-    with pytest.raises(GenerationStopped, match="after decoder step 1"):
-        ours(PROMPT, height=128, width=128, prior_num_inference_steps=2, callback_on_step_end=stop_in_decoder)
 
 
 def test_generate_caches_the_pipeline_until_cleared(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
@@ -210,10 +181,10 @@ def test_api_non_finite_latents_stop_with_advice(stage, value, pipe, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("generation went on after the latents turned non-finite")
 
-    monkeypatch.setattr((pipe.prior if stage == "prior" else pipe.decoder).model, "forward", non_finite)
+    monkeypatch.setattr(pipe.prior_prior if stage == "prior" else pipe.decoder, "forward", non_finite)
     if stage == "prior":
-        monkeypatch.setattr(pipe.decoder.model, "forward", refuse)
-    monkeypatch.setattr(pipe.decoder, "decode", refuse)
+        monkeypatch.setattr(pipe.decoder, "forward", refuse)
+    monkeypatch.setattr(pipe.decoder_pipe, "decode", refuse)
     with pytest.raises(NumericalError) as info:
         pipe(SHORT_PROMPT, **SMALL)
     message = str(info.value)
@@ -239,7 +210,9 @@ def test_cli_nan_weight_stops_without_writing(tmp_path, tiny_prior_repo, tiny_de
 
 def test_api_nan_image_from_the_vqgan_is_refused(tmp_path, tiny_prior_repo, tiny_decoder_repo):
     decoder = nan_weight_copy(tiny_decoder_repo, tmp_path, "vqgan", "out_block.0.bias")
-    pipe = Pipeline.from_pretrained(tiny_prior_repo, decoder, device="cpu")
+    pipe = wurst.load_pipeline(prior=tiny_prior_repo, decoder=decoder, device="cpu", dtype=torch.float32,
+                               low_memory=False)
+    pipe.set_progress_bar_config(disable=True)
     with pytest.raises(NumericalError):
         pipe(SHORT_PROMPT, **{**SMALL, "output_type": "pil"})
 
@@ -261,14 +234,16 @@ SMALL_RUN = dict(height=256, width=128, prior_num_inference_steps=3, num_inferen
 def test_low_memory_mode_gives_the_same_images_and_keeps_no_model(tiny_pair, tiny_prior_repo, tiny_decoder_repo,
                                                                   monkeypatch):
     ours, _ = tiny_pair
-    low = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, low_memory=True)
-    parts = [low.prior.model, low.prior.text_encoder, low.decoder.model, low.decoder.vqgan, low.decoder.text_encoder]
+    low = wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", dtype=torch.float32,
+                              low_memory=True)
+    low.set_progress_bar_config(disable=True)
+    parts = [low.prior_prior, low.prior_text_encoder, low.decoder, low.vqgan, low.text_encoder]
     assert all(isinstance(part, OnDemand) for part in parts)  # nothing loaded up front
     loaded = []
     for part in parts:
         monkeypatch.setattr(part, "load", lambda load=part.load, **kw: loaded.append(load(**kw)) or loaded[-1])
     expected = ours(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN).images.cpu()
-    got = low(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
+    got = low(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN).images
     assert torch.equal(got, expected)
     assert len(loaded) == 5  # each model once, and each released after its stage:
     assert all(p.is_meta for model in loaded for p in model.parameters())
@@ -277,18 +252,15 @@ def test_low_memory_mode_gives_the_same_images_and_keeps_no_model(tiny_pair, tin
 def test_denoisers_compile_as_whole_graphs(tiny_prior_repo, tiny_decoder_repo, monkeypatch):
     # Compiled graphs use F.linear; so does eager here.
     monkeypatch.setattr(wurst.models.blocks, "_ONEDNN_DTYPES", frozenset())
-    pipe = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo)
-    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
+    pipe = wurst.WuerstchenCombinedPipeline.from_pretrained(tiny_decoder_repo, prior_repo=tiny_prior_repo,
+                                                            torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN).images
     torch._dynamo.reset()
-    pipe.compile(backend="eager")  # fullgraph=True: any graph break raises instead of splitting the graph
-    got = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN)
+    for denoiser in (pipe.prior_prior, pipe.decoder):
+        denoiser.compile(fullgraph=True, backend="eager")  # any graph break raises instead of splitting the graph
+    got = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **SMALL_RUN).images
     assert torch.equal(got, expected)
-
-
-def test_compile_refuses_low_memory(tiny_prior_repo, tiny_decoder_repo):
-    low = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, low_memory=True)
-    with pytest.raises(ValueError, match="compile\\(\\) needs resident models"):
-        low.compile()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,8 +273,8 @@ def test_published_seed_parity():
     ours = wurst.WuerstchenCombinedPipeline.from_pretrained(decoder_dir, prior_repo=prior_dir).to(DEVICE)
     ours.set_progress_bar_config(disable=True)
     ref = reference.combined_pipeline(prior_dir, decoder_dir).to(DEVICE)
-    got, expected = run_both(ours, ref, PROMPT, height=256, width=256, prior_num_inference_steps=2,
-                             num_inference_steps=2, negative_prompt="blurry")
+    got, expected = run_both((ours, ref), PROMPT, height=256, width=256, prior_num_inference_steps=2,
+                             num_inference_steps=2, negative_prompt="blurry", **IMAGES)
     error = (got - expected).abs().max().item()
     print(f"published pipeline 256x256, 2 + 2 steps, {DEVICE}: max abs error {error:.1e}")
     assert error <= 2e-3
@@ -325,7 +297,7 @@ def test_published_bfloat16_parity():
                                                                 torch_dtype=dtype).to(DEVICE)
         ours.set_progress_bar_config(disable=True)
         ref = reference.combined_pipeline(prior_dir, decoder_dir, dtype).to(DEVICE)
-        results[dtype] = [image.float() for image in run_both(ours, ref, PROMPT, seed=0, **kwargs)]
+        results[dtype] = [image.float() for image in run_both((ours, ref), PROMPT, seed=0, **IMAGES, **kwargs)]
         del ours, ref
     (ours, theirs), (ours32, theirs32) = results[torch.bfloat16], results[torch.float32]
     ours_drift, theirs_drift = ((x - theirs32).abs().mean().item() for x in (ours, theirs))
@@ -342,16 +314,16 @@ def test_published_bfloat16_parity():
 def test_published_low_memory_peak_under_8_gb():
     """A published-size 1024x1024 run (one step per stage: the peak comes from the largest model at work, not
     from the step count) in low-memory mode, measured as the peak RSS of a fresh process."""
-    code = (
+    code = RSS_PROBE + (
         "import sys, torch, wurst\n"
         "pipe = wurst.load_pipeline(prior=sys.argv[1], decoder=sys.argv[2], device='cpu', low_memory=True)\n"
         "pipe('a cat', 1024, 1024, prior_num_inference_steps=1, num_inference_steps=1, output_type='pt')\n"
-        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+        "print(rss('VmHWM'))\n"
     )
     prior_dir, decoder_dir = hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
     out = subprocess.run([sys.executable, "-c", code, prior_dir, decoder_dir], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    peak_gb = int(out.stdout.split()[-1]) * 1024 / 1e9
+    peak_gb = int(out.stdout.split()[-1]) / 1e9
     print(f"published 1024x1024 in low-memory mode: peak RSS {peak_gb:.2f} GB")
     assert peak_gb < 8
 
@@ -410,5 +382,5 @@ def test_documented_classes_keep_diffusers_default(monkeypatch, tiny_prior_repo,
     monkeypatch.setattr(wurst.runtime.devices, "cpu_has_native_bfloat16", lambda: True)
     pipe = wurst.WuerstchenCombinedPipeline.from_pretrained(tiny_decoder_repo, prior_repo=tiny_prior_repo)
     assert pipe.dtype == torch.float32
-    assert Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu").prior.model.head.weight.dtype \
-        == torch.float32  # wurst 0.1's names keep wurst 0.1's default
+    assert {p.dtype for name in ("prior_prior", "prior_text_encoder", "decoder", "text_encoder", "vqgan")
+            for p in getattr(pipe, name).parameters()} == {torch.float32}

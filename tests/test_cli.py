@@ -32,7 +32,6 @@ from tests.helpers import (
     run_cli,
     run_module,
 )
-from wurst import Pipeline
 from wurst.cli import main
 from wurst.files import write_file_atomically, write_png_atomically
 from wurst.runtime.devices import default_dtype
@@ -54,9 +53,11 @@ def test_png_equals_the_api_image_and_its_metadata_regenerates_it(tmp_path, repo
     assert out.strip() == str(target)
     # The API in the CLI's default dtype (bfloat16 on CPUs that multiply it natively, else float32).
     dtype = default_dtype(torch.device("cpu"))
-    pipe = Pipeline.from_pretrained(tiny_prior_repo, tiny_decoder_repo, device="cpu", dtype=dtype)
+    pipe = wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", dtype=dtype,
+                               low_memory=False)
+    pipe.set_progress_bar_config(disable=True)
     api = pipe(PROMPT, height=256, width=128, negative_prompt="ugly", prior_num_inference_steps=3,
-               generator=torch.Generator("cpu").manual_seed(42), output_type="np")[0]
+               num_inference_steps=12, generator=torch.Generator("cpu").manual_seed(42), output_type="np").images[0]
     png = Image.open(target)
     pixels = np.asarray(png)
     assert png.size == (128, 256)
@@ -179,12 +180,14 @@ def test_module_entry_point(tmp_path, repos):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    """Fail the test if the CLI gets as far as loading a model."""
+    """Fail the test if the CLI gets as far as loading a model (through any of the pipeline classes)."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(wurst.Pipeline, "from_pretrained", refuse)
+    for cls in (wurst.WuerstchenCombinedPipeline, wurst.WuerstchenPriorPipeline, wurst.WuerstchenDecoderPipeline,
+                wurst.WuerstchenImg2ImgPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
 
 
 # Sizes, steps, guidance, counts: values test_bad_arguments_give_one_line does not try

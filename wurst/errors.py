@@ -25,9 +25,5 @@ class CheckpointError(WurstError, ValueError):
     """A weight file that is corrupt, truncated, or holds missing, unexpected or mis-shaped tensors."""
 
 
-class GenerationStopped(WurstError):
-    """A step callback asked to stop; no images are returned."""
-
-
 class NumericalError(WurstError):
     """NaN or inf in the latents, typically float16 overflow."""

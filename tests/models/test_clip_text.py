@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from tests.helpers import parity_bound, relative_error
+from tests.helpers import RSS_PROBE, parity_bound, relative_error
 from tests.prompts import PROMPTS
 from tools import hub_fixtures
-from wurst import CLIPTokenizer, PromptTruncatedWarning, load_clip_text_encoder
+from wurst import PromptTruncatedWarning, load_clip_text_encoder
+from wurst.weights.tokenizer_files import read_tokenizer
 
 SAMPLE = ["", "a photo of a cat", "Anthropomorphic cat dressed as a fire fighter", PROMPTS[20], PROMPTS[-4]]
 
@@ -21,7 +22,7 @@ SAMPLE = ["", "a photo of a cat", "Anthropomorphic cat dressed as a fire fighter
 def tokens(repo_dir, prompts=SAMPLE):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptTruncatedWarning)
-        return CLIPTokenizer.from_dir(repo_dir / "tokenizer")(prompts)
+        return read_tokenizer(repo_dir / "tokenizer")(prompts)
 
 
 @torch.no_grad()
@@ -113,18 +114,14 @@ def test_published_parity(repo, width, layers):
     print(f"{repo} text encoder: relative error {error:.2e}, fp32-vs-fp64 bound {bound:.2e}")
 
 
-RSS_PROBE = """
+LOAD_AND_RUN = RSS_PROBE + """
 import sys, torch, wurst
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-before = rss("VmRSS:")
+before = rss("VmRSS")
 model = wurst.load_clip_text_encoder(sys.argv[1])
 assert not any(p.is_meta for p in model.parameters())
 with torch.no_grad():
     model(torch.tensor([[49406, 320, 1125, 49407]]))
-print(rss("VmHWM:") - before)
+print(rss("VmHWM") - before)
 """
 
 
@@ -134,7 +131,8 @@ def test_published_load_keeps_one_copy():
     no second copy while loading."""
     folder = hub_fixtures.ensure("published", "prior", ("text_encoder",)) / "text_encoder"
     weight_bytes = (folder / "model.safetensors").stat().st_size
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(folder)], capture_output=True, text=True,
+                         check=True)
     growth = int(out.stdout.strip().splitlines()[-1])
     print(f"weights {weight_bytes / 2**30:.2f} GiB, peak RSS growth {growth / 2**30:.2f} GiB")
     assert growth <= 1.2 * weight_bytes

@@ -9,64 +9,31 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from tests.helpers import RunsCode, parity_bound, relative_error
-from tests.support.image_fixtures import TINY_ENCODER, original_state, save_stage_b_release, tiny_encoder
-from tools import hub_fixtures
+from tests.support.image_fixtures import (
+    PUBLISHED_ENCODER,
+    TINY_ENCODER,
+    OriginalEncoder,
+    original_encoder,
+    original_state,
+    save_stage_b_release,
+    tiny_encoder,
+    tiny_original,
+    torchvision_features,
+)
 from wurst import CheckpointError, ConfigError, ModelNotFoundError
 from wurst.models import effnet
 from wurst.weights import image_encoder
 from wurst.weights.keymaps import image_encoder_keys
 
 
-class OriginalEncoder(nn.Module):
-    """The original EfficientNetEncoder (Würstchen v2's Stage C image encoder), as the release's key layout has
-    it: `backbone` is torchvision's efficientnet_v2_s().features, `mapper` a 1x1 conv and a BatchNorm2d."""
-
-    def __init__(self, c_latent: int = 16):
-        super().__init__()
-        # torchvision is a test extra (tools/torchvision_cpu.py lets its CUDA wheel import beside the CPU torch).
-        torchvision = pytest.importorskip("torchvision", reason="a test extra: pip install -e '.[test]'")
-        self.backbone = torchvision.models.efficientnet_v2_s().features
-        self.mapper = nn.Sequential(nn.Conv2d(1280, c_latent, kernel_size=1, bias=False), nn.BatchNorm2d(c_latent))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mapper(self.backbone(x))
-
-
-@torch.no_grad()
-def randomize_batch_norms_(model: nn.Module, seed: int) -> None:
-    """Running statistics at a random offset from the statistics the layers really see. Drawn blindly, they would
-    leave each channel's mean far from zero, and the encoder's output would be mostly the mapper's shift, the
-    same for every image; a trained network's are near the real ones. So: measure each BatchNorm's input
-    statistics on random images (a train-mode pass with a cumulative average), then move every mean by
-    N(0, 0.1²)·std and scale every variance by U(0.8, 1.25)."""
-    generator = torch.Generator().manual_seed(seed)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    model(torch.randn(4, 3, 128, 128, generator=generator))
-    model.eval()
-    for norm in norms:
-        std = norm.running_var.sqrt()
-        norm.running_mean += 0.1 * std * torch.randn(std.shape, generator=generator)
-        norm.running_var *= torch.empty(std.shape).uniform_(0.8, 1.25, generator=generator)
-        norm.num_batches_tracked.fill_(int(torch.randint(1, 1000, (), generator=generator)))
-
-
 @pytest.fixture(scope="module")
 def published_release(tmp_path_factory):
     """The reference at the published size with every tensor random (BatchNorm running statistics and counters
     included), and a model_v2_stage_b.pt holding it."""
-    ref = OriginalEncoder().eval()
-    hub_fixtures.randomize_(ref, 3)
-    randomize_batch_norms_(ref, 4)
-    path = tmp_path_factory.mktemp("release") / "model_v2_stage_b.pt"
-    torch.save({"state_dict": {"clip_mapper.weight": torch.zeros(2, 2)}, "effnet_state_dict": ref.state_dict()}, path)
-    return ref, path
+    ref = original_encoder(PUBLISHED_ENCODER, seed=3)
+    return ref, save_stage_b_release(ref, tmp_path_factory.mktemp("release") / "model_v2_stage_b.pt")
 
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 160)])
@@ -87,43 +54,62 @@ def test_encoder_matches_the_original_in_float32(published_release, size):
     assert relative_error(got[0], got[1]) > 0.1
 
 
-def test_original_key_map_covers_the_release_layout(published_release):
-    """Every tensor of the original layout has its place, num_batches_tracked aside, and back again."""
-    ref, _ = published_release
-    keys = image_encoder_keys(effnet.EfficientNetConfig())
-    names = [n for n in ref.state_dict() if not n.endswith("num_batches_tracked")]
+def test_the_tiny_reference_is_torchvisions_builder_at_another_config():
+    """torchvision_features, the tiny reference's backbone, is torchvision's efficientnet_v2_s().features when
+    given the published config: the same names and shapes, in the same order."""
+    torchvision = pytest.importorskip("torchvision", reason="a test extra: pip install -e '.[test]'")
     with torch.device("meta"):
-        ours = set(effnet.EfficientNetEncoder(effnet.EfficientNetConfig()).state_dict())
+        published = torchvision.models.efficientnet_v2_s().features.state_dict()
+        built = torchvision_features(PUBLISHED_ENCODER).state_dict()
+    assert [(n, t.shape) for n, t in built.items()] == [(n, t.shape) for n, t in published.items()]
+
+
+@pytest.mark.parametrize("config", [PUBLISHED_ENCODER, TINY_ENCODER], ids=["published", "tiny"])
+def test_original_key_map_covers_the_release_layout(config):
+    """Every tensor of the original layout (torchvision's names) has its place in wurst's module, with its shape,
+    num_batches_tracked aside, and back again."""
+    with torch.device("meta"):
+        release = OriginalEncoder(config).state_dict()
+        ours = {n: t.shape for n, t in effnet.EfficientNetEncoder(config).state_dict().items()}
+    names = {n: t.shape for n, t in release.items() if not n.endswith("num_batches_tracked")}
+    keys = image_encoder_keys(config)
     assert sorted(keys.to_module(n) for n in names) == sorted(ours)
+    assert all(ours[keys.to_module(n)] == shape for n, shape in names.items())
     assert all(keys.to_checkpoint(keys.to_module(n)) == n for n in names)
 
 
 @torch.no_grad()
 def test_a_small_release_file_gives_its_own_config():
-    model = tiny_encoder()
-    state = original_state(model)
+    state = original_state(tiny_original())
     assert image_encoder.original_config(state, "tiny") == TINY_ENCODER
 
 
 @torch.no_grad()
 def test_release_file_and_converted_folder_give_the_same_encoder(tmp_path):
-    model = tiny_encoder()
-    release = save_stage_b_release(model, tmp_path / "model_v2_stage_b.pt")
+    """The encoder read from a release file computes what the original model computes (to float32's own
+    rounding), and its converted folder gives it back exactly."""
+    ref = tiny_original()
+    release = save_stage_b_release(ref, tmp_path / "model_v2_stage_b.pt")
     from_release = image_encoder.load_image_encoder(release)
     folder = image_encoder.save_converted(from_release, tmp_path / "converted")
     index = json.loads((folder / "wurst.json").read_text())
     assert index["models"][image_encoder.CONVERTED_NAME]["widths"] == list(TINY_ENCODER.widths)
     from_folder = image_encoder.load_image_encoder(folder)
-    x = torch.randn(1, 3, 96, 64, generator=torch.Generator().manual_seed(0))
-    expected = model(x)
-    assert torch.equal(from_release(x), expected) and torch.equal(from_folder(x), expected)
-    assert expected.std() > 0.05
+    x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(0))
+    expected = ref(x)
+    exact = ref.double()(x.double())
+    got = from_release(x)
+    assert got.shape == (2, 16, 3, 2)
+    assert relative_error(got, expected) <= parity_bound(expected, exact)
+    assert torch.equal(from_folder(x), got)
+    assert expected.std() > 0.05 and relative_error(expected[0], expected[1]) > 0.1  # images encode differently
     bf16 = image_encoder.load_image_encoder(folder, dtype=torch.bfloat16)
     assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
 def test_adding_the_encoder_keeps_a_folder_index(tmp_path):
-    (tmp_path / "wurst.json").write_text(json.dumps({"format": "wurst", "kind": "prior", "models": {"stage_c": {}}}))
+    (tmp_path / "wurst.json").write_text(json.dumps({"format": "wurst", "version": 1, "kind": "prior",
+                                                      "models": {"stage_c": {}}}))
     image_encoder.save_converted(tiny_encoder(), tmp_path)
     index = json.loads((tmp_path / "wurst.json").read_text())
     assert index["kind"] == "prior" and set(index["models"]) == {"stage_c", image_encoder.CONVERTED_NAME}
@@ -146,7 +132,7 @@ def test_refusals(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     cases.append((garbage, CheckpointError, "garbage.pt"))
-    lacking = {k: v for k, v in original_state(tiny_encoder()).items() if k != "mapper.1.running_var"}
+    lacking = {k: v for k, v in original_state(tiny_original()).items() if k != "mapper.1.running_var"}
     torch.save({"effnet_state_dict": lacking}, tmp_path / "lacking.pt")
     cases.append((tmp_path / "lacking.pt", CheckpointError, "missing tensor 'mapper.1.running_var'"))
     for ref, error, message in cases:
@@ -203,15 +189,17 @@ def cache_release(hub, model) -> None:
 
 @torch.no_grad()
 def test_fetched_once_then_reused_without_the_hub(offline, tmp_path):
-    model = tiny_encoder(seed=5)
+    model = tiny_original(seed=5)
     cache_release(offline, model)
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(image_encoder.fetch_image_encoder()(x), model(x))
+    fetched = image_encoder.fetch_image_encoder()(x)
+    expected = model(x)
+    assert relative_error(fetched, expected) <= parity_bound(expected, model.double()(x.double()))
     extracted = tmp_path / "wurst-cache" / "image_encoder" / "dome272--wuerstchen"
     assert image_encoder.has_converted(extracted)
     for path in sorted(offline.rglob("*"), reverse=True):  # the hub file is gone: the extracted copy serves
         path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
-    assert torch.equal(image_encoder.fetch_image_encoder()(x), model(x))
+    assert torch.equal(image_encoder.fetch_image_encoder()(x), fetched)
 
 
 def test_offline_without_the_file_names_it_and_the_download_command(offline):

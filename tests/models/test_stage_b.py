@@ -1,5 +1,6 @@
-"""Stages B and A: model parity with diffusers' WuerstchenDiffNeXt and PaellaVQModel, and seed parity of whole
-decoder runs with WuerstchenDecoderPipeline, at the tiny and published configs."""
+"""Stage B: model parity with diffusers' WuerstchenDiffNeXt, and seed parity of whole decoder runs (Stage B, then
+Stage A) with diffusers' WuerstchenDecoderPipeline, at the tiny and published configs. Stage A on its own is in
+tests/models/test_stage_a.py."""
 
 import subprocess
 import sys
@@ -7,19 +8,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt
+from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt
 
 from tests.helpers import (
     OTHER,
     PROMPT,
+    RSS_PROBE,
     assert_images_informative,
     bfloat16_forward_errors,
     parity_bound,
     relative_error,
+    run_both,
 )
 from tests.support import reference
 from tools import hub_fixtures
-from wurst import Decoder, ModelNotFoundError, load_stage_a, load_stage_b
+from wurst import ModelNotFoundError, WuerstchenDecoderPipeline, load_stage_b
 
 
 @torch.no_grad()
@@ -46,44 +49,8 @@ def check_stage_b_parity(decoder_dir, latent_sizes, with_text=True, batch=2):
     return results
 
 
-def vqgan_outputs(ref, latents, images, dtype):
-    ref.to(dtype)
-    out = {"decode": ref.decode(latents.to(dtype)).sample, "encode": ref.encode(images.to(dtype)).latents}
-    ref.float()
-    return out
-
-
-@torch.no_grad()
-def check_vqgan_parity(vqgan_dir, latent_sizes, batch=2):
-    ours = load_stage_a(vqgan_dir)
-    ref = PaellaVQModel.from_pretrained(vqgan_dir).eval()
-    generator = torch.Generator().manual_seed(1)
-    results = []
-    for h, w in latent_sizes:
-        latents = 0.3 * torch.randn(batch, 4, h, w, generator=generator)
-        images = torch.rand(batch, 3, 4 * h, 4 * w, generator=generator)
-        ours_out = {"decode": ours.decode(latents), "encode": ours.encode(images)}
-        ref32 = vqgan_outputs(ref, latents, images, torch.float32)
-        ref64 = vqgan_outputs(ref, latents, images, torch.float64)
-        for name, got in ours_out.items():
-            error, bound = relative_error(got, ref32[name]), parity_bound(ref32[name], ref64[name])
-            assert error <= bound, f"{name} {h}x{w}: relative error {error:.2e} > bound {bound:.2e}"
-            results.append((name, h, w, error, bound))
-        quantized, indices = ours.quantize(ours.encode(images))
-        ref_quantized, _, (_, _, ref_indices) = ref.vquantizer(ref.encode(images).latents)
-        assert torch.equal(indices.flatten(), ref_indices.flatten())
-        # diffusers returns z + (z_q - z), which rounds; ours are the codebook entries themselves.
-        assert torch.equal(quantized.permute(0, 2, 3, 1), ours.codebook.weight[indices])
-        torch.testing.assert_close(quantized, ref_quantized, rtol=0, atol=1e-6)
-    return results
-
-
 def test_tiny_stage_b_parity(tiny_decoder_repo):
     check_stage_b_parity(tiny_decoder_repo / "decoder", [(32, 32), (48, 32), (16, 64), (32, 48)])
-
-
-def test_tiny_vqgan_parity(tiny_decoder_repo):
-    check_vqgan_parity(tiny_decoder_repo / "vqgan", [(8, 8), (12, 8), (4, 16)])
 
 
 @pytest.mark.parametrize(
@@ -117,28 +84,35 @@ def test_zero_initialised_parameters_are_random_in_the_fixture(tiny_decoder_repo
     for name in ("down_levels.0.0.grn.gamma", "down_levels.0.0.grn.beta", "down_levels.0.1.mapper.weight",
                  "head.weight"):
         assert state[name].abs().min() > 0, name
-    gammas = load_stage_a(tiny_decoder_repo / "vqgan").state_dict()["up.1.gammas"]
-    assert gammas.abs().min() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Whole decoder runs, same seed
 
 
+def decoder_pipeline(repo):
+    """wurst's decoder pipeline in float32, without progress bars."""
+    pipe = WuerstchenDecoderPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_decoder_repo):
-    return Decoder.from_pretrained(tiny_decoder_repo), reference.decoder_pipeline(tiny_decoder_repo)
+    return decoder_pipeline(tiny_decoder_repo), reference.decoder_pipeline(tiny_decoder_repo)
 
 
 def embeddings(h, w, batch=1, seed=5):
     return 3 * torch.randn(batch, 16, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def run_both(ours, ref, image_embeddings, prompt, seed=7, **kwargs):
-    got = ours(image_embeddings, prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
-    expected = ref(image_embeddings, prompt, generator=torch.Generator().manual_seed(seed), output_type="pt",
-                   **kwargs).images
-    return got, expected
+def images(pipe, *args, **kwargs):
+    """A decoder run's images as a tensor (output_type "pt", unless another is asked for)."""
+    return pipe(*args, **{"output_type": "pt", **kwargs}).images
+
+
+# run_both's images as tensors
+IMAGES = dict(output="images", output_type="pt")
 
 
 # Output size -> Stage C embedding size: ceil(H / 42.67), and back through int(h * 10.67) * 4.
@@ -149,8 +123,8 @@ SIZES = {(256, 256): (6, 6), (384, 256): (9, 6), (128, 512): (3, 12)}
 @pytest.mark.parametrize("size", list(SIZES))
 def test_tiny_seed_parity(size, guidance, tiny_pair):
     ours, ref = tiny_pair
-    got, expected = run_both(ours, ref, embeddings(*SIZES[size]), PROMPT, guidance_scale=guidance,
-                             negative_prompt="blurry" if guidance else None)
+    got, expected = run_both((ours, ref), embeddings(*SIZES[size]), PROMPT, guidance_scale=guidance,
+                             negative_prompt="blurry" if guidance else None, **IMAGES)
     assert got.shape == expected.shape == (1, 3, *size)
     assert (got - expected).abs().max() <= 1e-4
     assert_images_informative(expected)
@@ -158,14 +132,14 @@ def test_tiny_seed_parity(size, guidance, tiny_pair):
 
 def test_tiny_custom_timesteps(tiny_pair):
     ours, ref = tiny_pair
-    got, expected = run_both(ours, ref, embeddings(6, 6), PROMPT, timesteps=[1.0, 0.7, 0.4, 0.1, 0.0])
+    got, expected = run_both((ours, ref), embeddings(6, 6), PROMPT, timesteps=[1.0, 0.7, 0.4, 0.1, 0.0], **IMAGES)
     assert (got - expected).abs().max() <= 1e-4
 
 
 def test_tiny_guidance_changes_the_image(tiny_pair):
     ours, _ = tiny_pair
-    plain = ours(embeddings(6, 6), PROMPT, generator=torch.Generator().manual_seed(7))
-    guided = ours(embeddings(6, 6), PROMPT, generator=torch.Generator().manual_seed(7), guidance_scale=2.0)
+    plain = images(ours, embeddings(6, 6), PROMPT, generator=torch.Generator().manual_seed(7))
+    guided = images(ours, embeddings(6, 6), PROMPT, generator=torch.Generator().manual_seed(7), guidance_scale=2.0)
     assert (plain - guided).abs().max() > 1e-3
 
 
@@ -176,13 +150,13 @@ def test_tiny_batches_equal_single_runs(tiny_pair):
     kwargs = dict(guidance_scale=2.0)
     image_embeddings = embeddings(6, 6, batch=2)
     seeds = [11, 12, 13, 14]
-    batched = ours(image_embeddings, [PROMPT, OTHER], negative_prompt=["ugly", "dark"], num_images_per_prompt=2,
-                   generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    batched = images(ours, image_embeddings, [PROMPT, OTHER], negative_prompt=["ugly", "dark"],
+                     num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
     assert batched.shape == (4, 3, 256, 256)
     singles = [(0, PROMPT, "ugly"), (0, PROMPT, "ugly"), (1, OTHER, "dark"), (1, OTHER, "dark")]
     for k, (row, prompt, negative) in enumerate(singles):
-        single = ours(image_embeddings[row : row + 1], prompt, negative_prompt=negative,
-                      generator=torch.Generator().manual_seed(seeds[k]), **kwargs)
+        single = images(ours, image_embeddings[row : row + 1], prompt, negative_prompt=negative,
+                        generator=torch.Generator().manual_seed(seeds[k]), **kwargs)
         assert (batched[k] - single[0]).abs().max() <= 1e-5, k
     expected = ref(image_embeddings[1:2], OTHER, negative_prompt="dark", generator=torch.Generator().manual_seed(13),
                    output_type="pt", **kwargs).images
@@ -194,17 +168,17 @@ def test_tiny_one_prompt_for_many_embeddings(tiny_pair):
     ours, _ = tiny_pair
     image_embeddings = embeddings(3, 3, batch=4)
     generators = [torch.Generator().manual_seed(s) for s in range(4)]
-    grouped = ours(image_embeddings, [PROMPT, OTHER], generator=generators, num_inference_steps=3)
+    grouped = images(ours, image_embeddings, [PROMPT, OTHER], generator=generators, num_inference_steps=3)
     for k, prompt in enumerate([PROMPT, PROMPT, OTHER, OTHER]):
-        single = ours(image_embeddings[k : k + 1], prompt, generator=torch.Generator().manual_seed(k),
-                      num_inference_steps=3)
+        single = images(ours, image_embeddings[k : k + 1], prompt, generator=torch.Generator().manual_seed(k),
+                        num_inference_steps=3)
         assert (grouped[k] - single[0]).abs().max() <= 1e-5, k
 
 
 def test_tiny_output_types(tiny_pair):
     ours, _ = tiny_pair
-    runs = {t: ours(embeddings(3, 3), PROMPT, generator=torch.Generator().manual_seed(1), num_inference_steps=2,
-                    output_type=t) for t in ("pt", "np", "pil", "latent")}
+    runs = {t: images(ours, embeddings(3, 3), PROMPT, generator=torch.Generator().manual_seed(1),
+                      num_inference_steps=2, output_type=t) for t in ("pt", "np", "pil", "latent")}
     pt, array, pil, latent = runs["pt"], runs["np"], runs["pil"], runs["latent"]
     assert pt.shape == (1, 3, 128, 128) and pt.dtype == torch.float32
     assert isinstance(array, np.ndarray) and array.shape == (1, 128, 128, 3) and array.dtype == np.float32
@@ -237,106 +211,6 @@ def test_bad_inputs_name_the_argument(kwargs, match, tiny_pair):
         ours(**kwargs)
 
 
-def test_grn_does_not_overflow_in_float16():
-    """The sum of squares over a 128x128 latent of activations around 100 is ~1.6e8, past float16's 65504: GRN
-    keeps its statistics in float32, so a float16 Stage B gets finite values close to float32's."""
-    from wurst.models.blocks import GlobalResponseNorm
-
-    grn = GlobalResponseNorm(8)
-    with torch.no_grad():
-        grn.gamma.normal_(), grn.beta.normal_()
-    x = 100 * torch.randn(1, 128, 128, 8, generator=torch.Generator().manual_seed(0))
-    expected = grn(x)
-    got = grn.half()(x.half())
-    assert torch.isfinite(got).all()
-    assert relative_error(got.float(), expected) < 2e-3
-
-
-def test_grn_in_bfloat16_is_as_accurate_as_float32_statistics():
-    """bfloat16 GRN squares in place and sums with float32 accumulation (no float32 copy of x). Against float64 it
-    is as accurate as GRN with every statistic computed from a float32 copy, written out here (measured over three
-    seeds: 2.8-3.0e-3 against 2.8-2.9e-3; rounding x in and the result out alone costs 2.1e-3)."""
-    from wurst.models.blocks import GlobalResponseNorm
-
-    for seed in range(3):
-        generator = torch.Generator().manual_seed(seed)
-        grn = GlobalResponseNorm(64)
-        with torch.no_grad():
-            grn.gamma.normal_(generator=generator), grn.beta.normal_(generator=generator)
-            x = torch.randn(2, 64, 64, 64, generator=generator)
-            exact = grn.double()(x.double())
-            xb = x.bfloat16()
-            norm = xb.float().square().sum(dim=(1, 2), keepdim=True).sqrt()
-            factor = (1 + grn.gamma.float() * norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)).bfloat16()
-            float32_statistics = grn.beta.bfloat16() + xb * factor
-            got = grn.bfloat16()(xb)
-        assert got.dtype == torch.bfloat16
-        assert relative_error(got, exact) <= 1.1 * relative_error(float32_statistics, exact), seed
-
-
-def attention_cases():
-    """(batch, heads, queries, keys) of the models' attention at 1024x1024: Stage C, Stage B's levels 1 to 3, and
-    a small odd one."""
-    return [(2, 24, 576, 653), (1, 10, 4096, 4173), (1, 20, 1024, 1101), (1, 20, 256, 333), (3, 2, 5, 7)]
-
-
-# The blocked attention's error over the fused kernel's, per logit standard deviation: rounding the logits to
-# bfloat16 costs 2^-9 of their size, so the gap grows with them. Measured at the cases above: 1.7-2.0x at a
-# standard deviation of 1, 1.7-6.0x at 2. Bounds: the largest measured ratio plus a quarter.
-ATTENTION_ERROR_RATIO = {1.0: 2.5, 2.0: 7.5}
-
-
-@pytest.mark.parametrize("logit_std", sorted(ATTENTION_ERROR_RATIO))
-@pytest.mark.parametrize("batch, heads, n, m", attention_cases())
-def test_blocked_bfloat16_attention_against_exact(batch, heads, n, m, logit_std):
-    """The blocked bfloat16 attention (blocks.attention) against the exact attention of the same bfloat16 inputs,
-    beside SDPA's fused kernel in bfloat16 (which keeps its logits in float32)."""
-    import torch.nn.functional as F
-
-    from wurst.models.blocks import attention
-
-    generator = torch.Generator().manual_seed(n)
-    # (B, N, heads, 64) memory seen as (B, heads, N, 64), as split_heads gives it; logits q.k/8 of std logit_std.
-    q, k, v = (torch.randn(batch, length, heads, 64, generator=generator).transpose(1, 2).bfloat16()
-               for length in (n, m, m))
-    q = q * logit_std
-    with torch.no_grad():
-        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-        got, fused = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
-    assert got.shape == fused.shape and got.dtype == torch.bfloat16
-    error, fused_error = relative_error(got, exact), relative_error(fused, exact)
-    assert error <= ATTENTION_ERROR_RATIO[logit_std] * fused_error, (error, fused_error)
-
-
-@pytest.mark.parametrize("batch, heads, n, m", attention_cases())
-def test_blocked_bfloat16_attention_is_softmax_of_each_head(batch, heads, n, m):
-    """The blocks (several heads at once, or a head's queries in blocks with a shorter last one) and the one logits
-    buffer they reuse, softmaxed in place, give what each head computed on its own in bfloat16 gives."""
-    from wurst.models.blocks import attention
-
-    generator = torch.Generator().manual_seed(m)
-    q, k, v = (torch.randn(batch, length, heads, 64, generator=generator).transpose(1, 2).bfloat16()
-               for length in (n, m, m))
-    with torch.no_grad():
-        got = attention(q, k, v)
-        each_head = torch.stack([torch.stack([torch.softmax((q[i, j] * 0.125) @ k[i, j].T, dim=-1) @ v[i, j]
-                                              for j in range(heads)]) for i in range(batch)])
-    torch.testing.assert_close(got, each_head)  # bfloat16's tolerances: only the summation order may differ
-
-
-def test_attention_is_sdpa_outside_cpu_bfloat16():
-    import torch.nn.functional as F
-
-    from wurst.models.blocks import attention
-
-    q, k, v = (torch.randn(1, 2, 9, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
-    with torch.enable_grad():  # autograd: SDPA, whose backward exists
-        qb = q.bfloat16().requires_grad_()
-        assert torch.equal(attention(qb, k.bfloat16(), v.bfloat16()),
-                           F.scaled_dot_product_attention(qb, k.bfloat16(), v.bfloat16()))
-
-
 def bfloat16_errors(decoder_dir, latent_size):
     """bfloat16_forward_errors of one Stage B forward, batch 1, on a latent of `latent_size`."""
     ref = WuerstchenDiffNeXt.from_pretrained(decoder_dir).eval()
@@ -367,11 +241,11 @@ def test_published_bfloat16_forward_is_as_accurate_as_diffusers(published_decode
 
 def test_prior_repo_is_refused_as_decoder(tiny_prior_repo):
     with pytest.raises(ModelNotFoundError, match="It is the prior repository"):
-        Decoder.from_pretrained(tiny_prior_repo)
+        WuerstchenDecoderPipeline.from_pretrained(tiny_prior_repo)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Published size (320/640/1280/1280 wide, 4/4/14/4 repeats; VQGAN 192/384 with 12 bottleneck blocks)
+# Published size (320/640/1280/1280 wide, 4/4/14/4 repeats)
 
 
 @pytest.fixture(scope="module")
@@ -383,35 +257,30 @@ def published_decoder_repo():
 def test_published_model_parity(published_decoder_repo):
     for h, w, error, bound in check_stage_b_parity(published_decoder_repo / "decoder", [(32, 32), (48, 32)]):
         print(f"published Stage B {h}x{w}: relative error {error:.2e}, fp32-vs-fp64 {bound:.2e}")
-    for name, h, w, error, bound in check_vqgan_parity(published_decoder_repo / "vqgan", [(32, 32), (24, 40)]):
-        print(f"published VQGAN {name} {h}x{w}: relative error {error:.2e}, fp32-vs-fp64 {bound:.2e}")
 
 
 @pytest.mark.slow
 def test_published_seed_parity(published_decoder_repo):
-    ours = Decoder.from_pretrained(published_decoder_repo)
+    ours = decoder_pipeline(published_decoder_repo)
     ref = reference.decoder_pipeline(published_decoder_repo)
     # The default 12 steps: random weights do not denoise, and much shorter chains saturate the images.
     for size in SIZES:
         for guidance in (0.0, 2.0):
-            got, expected = run_both(ours, ref, embeddings(*SIZES[size]), PROMPT, guidance_scale=guidance)
+            got, expected = run_both((ours, ref), embeddings(*SIZES[size]), PROMPT, guidance_scale=guidance,
+                                     **IMAGES)
             error = (got - expected).abs().max().item()
             print(f"published Stage B+A {size[1]}x{size[0]} guidance {guidance}: max abs error {error:.1e}")
             assert got.shape == (1, 3, *size) and error <= 1e-3
             assert_images_informative(expected)
 
 
-RSS_PROBE = """
+LOAD_AND_RUN = RSS_PROBE + """
 import sys, torch, wurst
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-before = rss("VmRSS:")
+before = rss("VmRSS")
 model = wurst.load_stage_b(sys.argv[1])
 with torch.no_grad():
     model(torch.randn(1, 4, 16, 16), torch.rand(1), torch.randn(1, 16, 2, 2), torch.randn(1, 77, 1024))
-print(rss("VmHWM:") - before)
+print(rss("VmHWM") - before)
 """
 
 
@@ -419,7 +288,8 @@ print(rss("VmHWM:") - before)
 def test_published_load_keeps_one_copy(published_decoder_repo):
     folder = published_decoder_repo / "decoder"
     weight_bytes = (folder / "diffusion_pytorch_model.safetensors").stat().st_size
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(folder)], capture_output=True, text=True,
+                         check=True)
     growth = int(out.stdout.strip().splitlines()[-1])
     print(f"Stage B weights {weight_bytes / 2**30:.2f} GiB, peak RSS growth {growth / 2**30:.2f} GiB")
     assert growth <= 1.2 * weight_bytes

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
-from tests.helpers import OTHER, PROMPT, bfloat16_forward_errors, parity_bound, relative_error
+from tests.helpers import OTHER, PROMPT, RSS_PROBE, bfloat16_forward_errors, parity_bound, relative_error, run_both
 from tests.support import reference
 from tools import hub_fixtures
-from wurst import DEFAULT_STAGE_C_TIMESTEPS, Prior, load_stage_c
+from wurst import DEFAULT_STAGE_C_TIMESTEPS, ModelNotFoundError, WuerstchenPriorPipeline, load_stage_c
 
 
 @torch.no_grad()
@@ -64,15 +64,21 @@ def test_zero_initialised_parameters_are_random_in_the_fixture(tiny_prior_repo):
 # Whole runs, same seed
 
 
-def run_both(repo_dir, ours, ref, prompt, **kwargs):
-    got = ours(prompt, generator=torch.Generator().manual_seed(7), **kwargs)
-    expected = ref(prompt, generator=torch.Generator().manual_seed(7), **kwargs).image_embeddings
-    return got, expected
+def prior_pipeline(repo):
+    """wurst's prior pipeline in float32, without progress bars."""
+    pipe = WuerstchenPriorPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def embeddings(pipe, *args, **kwargs):
+    """A prior run's image embeddings."""
+    return pipe(*args, **kwargs).image_embeddings
 
 
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_prior_repo):
-    return Prior.from_pretrained(tiny_prior_repo), reference.prior_pipeline(tiny_prior_repo)
+    return prior_pipeline(tiny_prior_repo), reference.prior_pipeline(tiny_prior_repo)
 
 
 RUNS = {
@@ -89,7 +95,7 @@ RUNS = {
 def test_tiny_seed_parity(name, tiny_pair, tiny_prior_repo):
     ours, ref = tiny_pair
     kwargs = {"height": 512, "width": 768, **RUNS[name]}
-    got, expected = run_both(tiny_prior_repo, ours, ref, PROMPT, **kwargs)
+    got, expected = run_both((ours, ref), PROMPT, output="image_embeddings", **kwargs)
     latent_h, latent_w = math.ceil(kwargs["height"] / 42.67), math.ceil(kwargs["width"] / 42.67)
     assert got.shape == expected.shape == (kwargs.get("num_images_per_prompt", 1), 16, latent_h, latent_w)
     assert relative_error(got, expected) <= 1e-4, relative_error(got, expected)
@@ -102,7 +108,7 @@ def test_tiny_latent_geometry_and_range(tiny_pair):
     assert ours.latent_size(1024, 1536) == (24, 36)
     assert ours.latent_size(512, 512) == (12, 12)
     latents = torch.zeros(1, 16, 12, 12)
-    out = ours(PROMPT, height=512, width=512, num_inference_steps=1, latents=latents, guidance_scale=1.0)
+    out = embeddings(ours, PROMPT, height=512, width=512, num_inference_steps=1, latents=latents, guidance_scale=1.0)
     assert out.shape == (1, 16, 12, 12)
 
 
@@ -110,14 +116,15 @@ def test_tiny_prompt_list_equals_separate_runs(tiny_pair, tiny_prior_repo):
     """A list of prompts, one generator per image, equals separate diffusers runs of each prompt."""
     ours, ref = tiny_pair
     kwargs = dict(height=512, width=512, guidance_scale=4.0, num_inference_steps=5)
-    got = ours([PROMPT, OTHER], negative_prompt=["ugly", "dark"],
-               generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], **kwargs)
+    got = embeddings(ours, [PROMPT, OTHER], negative_prompt=["ugly", "dark"],
+                     generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], **kwargs)
     for i, (prompt, negative) in enumerate([(PROMPT, "ugly"), (OTHER, "dark")]):
         expected = ref(prompt, negative_prompt=negative, generator=torch.Generator().manual_seed(i + 1),
                        **kwargs).image_embeddings
         assert relative_error(got[i : i + 1], expected) <= 1e-4
     # And with a single generator, a batched diffusers run (whose prior batches correctly).
-    got = ours([PROMPT, OTHER], generator=torch.Generator().manual_seed(3), num_images_per_prompt=2, **kwargs)
+    got = embeddings(ours, [PROMPT, OTHER], generator=torch.Generator().manual_seed(3), num_images_per_prompt=2,
+                     **kwargs)
     expected = ref([PROMPT, OTHER], generator=torch.Generator().manual_seed(3), num_images_per_prompt=2,
                    **kwargs).image_embeddings
     assert relative_error(got, expected) <= 1e-4
@@ -150,10 +157,8 @@ def test_bad_prompt_type(tiny_pair):
 
 
 def test_decoder_repo_is_refused_as_prior(tiny_decoder_repo):
-    from wurst import ModelNotFoundError
-
     with pytest.raises(ModelNotFoundError, match="It is the decoder repository"):
-        Prior.from_pretrained(tiny_decoder_repo)
+        WuerstchenPriorPipeline.from_pretrained(tiny_decoder_repo)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,11 +178,11 @@ def test_published_model_parity(published_prior_repo):
 
 @pytest.mark.slow
 def test_published_seed_parity(published_prior_repo):
-    ours = Prior.from_pretrained(published_prior_repo)
+    ours = prior_pipeline(published_prior_repo)
     ref = reference.prior_pipeline(published_prior_repo)
     for kwargs in (dict(guidance_scale=4.0, num_inference_steps=3, negative_prompt="blurry"),
                    dict(guidance_scale=1.0, timesteps=[1.0, 0.6, 0.0])):
-        got, expected = run_both(published_prior_repo, ours, ref, PROMPT, height=512, width=512, **kwargs)
+        got, expected = run_both((ours, ref), PROMPT, height=512, width=512, output="image_embeddings", **kwargs)
         error = relative_error(got, expected)
         print(f"published Stage C run {kwargs}: relative error {error:.2e}")
         assert error <= 1e-3
@@ -208,17 +213,13 @@ def test_published_bfloat16_forward_is_as_accurate_as_diffusers(published_prior_
     assert ours <= 1.1 * theirs
 
 
-RSS_PROBE = """
+LOAD_AND_RUN = RSS_PROBE + """
 import sys, torch, wurst
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-before = rss("VmRSS:")
+before = rss("VmRSS")
 model = wurst.load_stage_c(sys.argv[1])
 with torch.no_grad():
     model(torch.randn(1, 16, 4, 4), torch.rand(1), torch.randn(1, 77, 1280))
-print(rss("VmHWM:") - before)
+print(rss("VmHWM") - before)
 """
 
 
@@ -226,7 +227,8 @@ print(rss("VmHWM:") - before)
 def test_published_load_keeps_one_copy(published_prior_repo):
     folder = published_prior_repo / "prior"
     weight_bytes = (folder / "diffusion_pytorch_model.safetensors").stat().st_size
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(folder)], capture_output=True, text=True,
+                         check=True)
     growth = int(out.stdout.strip().splitlines()[-1])
     print(f"Stage C weights {weight_bytes / 2**30:.2f} GiB, peak RSS growth {growth / 2**30:.2f} GiB")
     assert growth <= 1.2 * weight_bytes

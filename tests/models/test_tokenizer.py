@@ -9,7 +9,8 @@ from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 from tests.prompts import LONG, PROMPTS
 from tools.hub_fixtures import write_tokenizer
-from wurst import CLIPTokenizer, PromptTruncatedWarning
+from wurst import PromptTruncatedWarning
+from wurst.weights.tokenizer_files import read_tokenizer
 
 CASES = [(layout, pad) for layout in ("json", "legacy") for pad in ("<|endoftext|>", "!")]
 
@@ -34,7 +35,7 @@ def test_layout_files(tokenizer_dir):
 def test_ids_and_masks_match_transformers(tokenizer_dir):
     folder, _, pad = tokenizer_dir
     assert len(PROMPTS) >= 50
-    ours = CLIPTokenizer.from_dir(folder)
+    ours = read_tokenizer(folder)
     ref = HFCLIPTokenizer.from_pretrained(folder)
     assert ref.pad_token == pad and ours.pad_token == pad and ours.pad_id == ref.pad_token_id
     assert ours.max_length == ref.model_max_length == 77
@@ -49,7 +50,7 @@ def test_ids_and_masks_match_transformers(tokenizer_dir):
 
 def test_single_prompt_and_vocabulary_is_real(tokenizer_dir):
     folder, _, pad = tokenizer_dir
-    ours = CLIPTokenizer.from_dir(folder)
+    ours = read_tokenizer(folder)
     ids, mask = ours("a photo of a cat")
     # Known ids of the real CLIP vocabulary: a=320, photo=1125, of=539, cat=2368.
     assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -61,7 +62,7 @@ def test_single_prompt_and_vocabulary_is_real(tokenizer_dir):
 
 def test_long_prompt_is_truncated_with_a_warning(tokenizer_dir):
     folder, _, _ = tokenizer_dir
-    ours = CLIPTokenizer.from_dir(folder)
+    ours = read_tokenizer(folder)
     full = len(ours.tokenizer.encode(LONG).ids)
     assert full > 77
     with pytest.warns(PromptTruncatedWarning, match=rf"the last {full - 77} tokens were cut") as caught:
@@ -73,7 +74,7 @@ def test_long_prompt_is_truncated_with_a_warning(tokenizer_dir):
 
 def test_no_warning_at_exactly_the_limit(tokenizer_dir):
     folder, _, _ = tokenizer_dir
-    ours = CLIPTokenizer.from_dir(folder)
+    ours = read_tokenizer(folder)
     prompt = " ".join(["cat"] * 75)  # 75 tokens + start + end = 77
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptTruncatedWarning)
@@ -85,6 +86,6 @@ def test_missing_files_name_the_folder(tmp_path):
     from wurst import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="neither tokenizer.json nor vocab.json"):
-        CLIPTokenizer.from_dir(tmp_path)
+        read_tokenizer(tmp_path)
     with pytest.raises(ModelNotFoundError, match="not found"):
-        CLIPTokenizer.from_dir(tmp_path / "nope")
+        read_tokenizer(tmp_path / "nope")

@@ -1,12 +1,10 @@
-"""Argument checks of the Python API (Pipeline, Prior, Decoder): bad sizes, steps, timesteps, guidance scales,
-image counts and prompts are refused with a one-line ValueError that names the argument, before any model runs;
-sizes over 2048 and prompts over 77 tokens only warn, and the image is still made.
+"""Argument checks of the Python API (WuerstchenCombinedPipeline and WuerstchenPriorPipeline): bad sizes, steps,
+timesteps, guidance scales, image counts and prompts are refused with a one-line ValueError that names the
+argument, before any model runs; sizes over 2048 and prompts over 77 tokens only warn, and the image is still made.
 
 The CLI's own checks of the same values are in tests/test_cli.py."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
@@ -22,15 +20,14 @@ def no_model_may_run(pipe, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model ran before the arguments were checked")
 
-    for module in (pipe.prior.model, pipe.prior.text_encoder, pipe.decoder.model, pipe.decoder.text_encoder,
-                   pipe.decoder.vqgan):
-        monkeypatch.setattr(module, "forward", refuse)
-    monkeypatch.setattr(pipe.decoder, "decode", refuse)
+    for name in ("prior_prior", "prior_text_encoder", "decoder", "text_encoder", "vqgan"):
+        monkeypatch.setattr(getattr(pipe, name), "forward", refuse)
+    monkeypatch.setattr(pipe.decoder_pipe, "decode", refuse)
     return pipe
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Refusals: the Pipeline values test_pipeline.py does not try, refused before any model runs
+# Refusals: the values tests/test_api.py does not try, refused before any model runs
 
 
 @pytest.mark.parametrize(
@@ -82,7 +79,7 @@ def test_api_refuses_bad_arguments_before_any_model_runs(kwargs, message, no_mod
 )
 def test_step_and_timestep_errors_name_the_argument(target, kwargs, culprit, no_model_may_run):
     """prior_num_inference_steps=0 and num_inference_steps=0 must not give the same message."""
-    call = no_model_may_run if target == "pipe" else no_model_may_run.prior
+    call = no_model_may_run if target == "pipe" else no_model_may_run.prior_pipe
     kwargs = {"prompt": SHORT_PROMPT, **(SMALL if target == "pipe" else dict(height=128, width=128)), **kwargs}
     with pytest.raises(ValueError) as info:
         call(**kwargs)
@@ -95,13 +92,13 @@ def test_step_and_timestep_errors_name_the_argument(target, kwargs, culprit, no_
 
 def test_api_size_over_2048_warns_and_generates(pipe):
     with pytest.warns(UserWarning, match="height 2176 is over 2048"):
-        images = pipe(SHORT_PROMPT, **{**SMALL, "height": 2176})
+        images = pipe(SHORT_PROMPT, **{**SMALL, "height": 2176}).images
     assert images.shape == (1, 3, 2176, 128)
 
 
 def test_api_long_prompt_warns_how_much_was_cut_and_generates(pipe):
     with pytest.warns(PromptTruncatedWarning, match=rf"prompt is 102 tokens, .* the last {LONG_CUT} tokens were cut"):
-        images = pipe(LONG_PROMPT, **SMALL)
+        images = pipe(LONG_PROMPT, **SMALL).images
     assert images.shape == (1, 3, 128, 128)
 
 
@@ -109,4 +106,10 @@ def test_api_long_prompt_warns_how_much_was_cut_and_generates(pipe):
 def test_bad_guidance(value):
     with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
         checks.check_guidance("guidance_scale", value)
-    assert not math.isnan(checks.check_guidance("guidance_scale", 0))
+
+
+@pytest.mark.parametrize("value,expected", [(0, 0.0), (1, 1.0), (4.5, 4.5), (7.25, 7.25)])
+def test_good_guidance_comes_back_as_the_same_float(value, expected):
+    """A valid scale, int or float, comes back exactly, as a float."""
+    got = checks.check_guidance("guidance_scale", value)
+    assert type(got) is float and got == expected

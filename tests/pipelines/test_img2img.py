@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, assert_one_line_error, files_in, run_cli, seeded
-from tests.support.image_fixtures import TINY_ENCODER, photo, save_stage_b_release, tiny_encoder
+from tests.helpers import ROOT, assert_one_line_error, files_in, parity_bound, relative_error, run_cli, seeded
+from tests.support.image_fixtures import TINY_ENCODER, photo, save_stage_b_release, tiny_encoder, tiny_original
 from tools import convert_weights, hub_fixtures
 from wurst import ModelNotFoundError, WuerstchenCombinedPipeline
 from wurst.errors import ArgumentError, ConfigError
@@ -325,7 +325,8 @@ def test_cli_missing_encoder_is_one_line(no_encoder_anywhere, tiny_prior_repo, t
 
 def test_converter_writes_the_encoder_with_the_prior(pipe, tiny_prior_repo, tiny_decoder_repo, tmp_path,
                                                      no_encoder_anywhere):
-    release = save_stage_b_release(tiny_encoder(), tmp_path / "model_v2_stage_b.pt")
+    original = tiny_original()
+    release = save_stage_b_release(original, tmp_path / "model_v2_stage_b.pt")
     out = tmp_path / "converted"
     assert convert_weights.main(["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo), "--out",
                                  str(out), "--image-encoder", str(release)]) == 0
@@ -333,7 +334,12 @@ def test_converter_writes_the_encoder_with_the_prior(pipe, tiny_prior_repo, tiny
     # The converted prior's encoder is found without image_encoder= (and without the hub: offline, no caches).
     converted = WuerstchenImg2ImgPipeline.from_pretrained(out / "decoder", prior_repo=out / "prior")
     converted.set_progress_bar_config(disable=True)
-    assert all(torch.equal(converted.image_encoder.state_dict()[k], v) for k, v in tiny_encoder().state_dict().items())
+    from_release = image_encoder.load_image_encoder(release).state_dict()
+    assert all(torch.equal(converted.image_encoder.state_dict()[k], v) for k, v in from_release.items())
+    x = torch.randn(1, 3, 64, 64, generator=seeded(0))
+    with torch.no_grad():  # and it is the release's encoder: it computes what the original model computes
+        expected, exact = original(x), original.double()(x.double())
+        assert relative_error(converted.image_encoder(x), expected) <= parity_bound(expected, exact)
     assert converted(PROMPT, image=photo(96, 128), strength=0.5, generator=seeded(1), **SMALL).images.shape == (
         1, 3, 128, 128)
     # A converted prior carries its encoder into the next conversion.
@@ -365,7 +371,7 @@ def real_ids_offline(tmp_path, monkeypatch):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
-    save_stage_b_release(tiny_encoder(), repo / "snapshots" / commit / "model_v2_stage_b.pt")
+    save_stage_b_release(tiny_original(), repo / "snapshots" / commit / "model_v2_stage_b.pt")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

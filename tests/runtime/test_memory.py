@@ -5,6 +5,7 @@ published size (slow), the estimate against the measured peak RSS of a fresh pro
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import wurst
-from tests.helpers import ONE_STEP, PROMPT, SHORT_PROMPT, assert_one_line_error, files_in, run_cli
+from tests.helpers import ONE_STEP, PROMPT, RSS_PROBE, SHORT_PROMPT, assert_one_line_error, files_in, run_cli
 from tools import hub_fixtures
 from wurst.errors import InsufficientMemoryError
 from wurst.runtime import memory
@@ -96,10 +97,117 @@ def test_cli_memory_modes_exclude_each_other(out_dir, capsys):
 # The estimate and the refusal
 
 
+# The estimate's formula, written out here from memory.py's docstring and the tiny configs (hub_fixtures.TINY),
+# in float32: each stage needs the weights resident while it runs (its own in low-memory mode, all five
+# otherwise) plus the tensors alive at the widest point of its largest block. The documented counts, in values of
+# a block's width per pixel (or per token): a ResBlock 10, a Stage A mixing block 8, a CLIP layer 8 of its hidden
+# width plus one of its MLP width. What the attention blocks keep all run: 2 (keys and values) x 77 tokens x width.
+F32, TOKENS = 4, 77
+RESBLOCK, MIXING_BLOCK, TEXT_LAYER = 10, 8, 8
+
+
+def loaded_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def documented_stages(resident, *, height, width, images=1, prior_guidance=4.0, decoder_guidance=0.0,
+                      low_memory=True) -> dict[str, tuple[int, int]]:
+    """Stage name -> (weight bytes, activation bytes) of one prompt's request, from the formula above."""
+    prior_cfg, decoder_cfg = hub_fixtures.TINY["prior"], hub_fixtures.TINY["decoder"]
+    c_side = (math.ceil(height / 42.67), math.ceil(width / 42.67))  # the prior pipeline's resolution_multiple
+    b_side = (int(c_side[0] * 10.67), int(c_side[1] * 10.67))  # the decoder pipeline's latent_dim_scale
+    prior_batch = images * (2 if prior_guidance > 1 else 1)
+    decoder_batch = images * (2 if decoder_guidance > 1 else 1)
+
+    def text(cfg, rows):
+        return rows * TOKENS * (TEXT_LAYER * cfg["hidden_size"] + cfg["intermediate_size"]) * F32
+
+    c = prior_cfg["prior"]
+    stage_c = (RESBLOCK * prior_batch * c_side[0] * c_side[1] * c["c"] * F32
+               + c["depth"] * 2 * prior_batch * TOKENS * c["c"] * F32)
+    b = decoder_cfg["decoder"]
+    h, w = b_side[0] // b["patch_size"], b_side[1] // b["patch_size"]
+    widest, kept = 0, 0
+    for level, c_level in enumerate(b["c_hidden"]):
+        pixels = (h // 2**level) * (w // 2**level)
+        injected = b["c_cond"] if b["inject_effnet"][level] else 0
+        # a ResBlock of the up path, with the skip (and injection) it concatenates
+        widest = max(widest, decoder_batch * pixels * (RESBLOCK * c_level + c_level + injected) * F32)
+        kept += decoder_batch * pixels * (c_level + 2 * injected) * F32  # the skip and the two injections
+        attention_blocks = 2 * b["blocks"][level] * b["level_config"][level].count("A")  # down and up
+        kept += attention_blocks * 2 * decoder_batch * TOKENS * c_level * F32
+    a = decoder_cfg["vqgan"]
+    latent_pixels = b_side[0] * b_side[1]
+    widths_from_latent = [a["embed_dim"] // 2**i for i in range(a["levels"])]
+    mixing = max(MIXING_BLOCK * images * c_level * latent_pixels * 4**i * F32
+                 for i, c_level in enumerate(widths_from_latent))
+    image_pixels = latent_pixels * 4 ** (a["levels"] - 1) * a["up_down_scale_factor"] ** 2
+    activations = {
+        "prior text encoder": text(prior_cfg["text_encoder"], 2 if prior_guidance > 1 else 1),
+        "Stage C": stage_c,
+        "decoder text encoder": text(decoder_cfg["text_encoder"], 2 if decoder_guidance > 1 else 1),
+        "Stage B": widest + kept,
+        "Stage A": mixing + 3 * images * 3 * image_pixels * F32,  # the image, clamped, as float
+    }
+    weights = dict(zip(activations, map(loaded_bytes, stage_models(resident)), strict=True))
+    everything = sum(weights.values())
+    return {name: (weights[name] if low_memory else everything, activations[name]) for name in activations}
+
+
+def documented_peak(resident, **request) -> tuple[str, int]:
+    """The stage with the largest need, and that need in bytes."""
+    stages = documented_stages(resident, **request)
+    name = max(stages, key=lambda n: sum(stages[n]))
+    return name, sum(stages[name])
+
+
+def stage_models(pipe):
+    """The five models in the order they run."""
+    return [pipe.prior_text_encoder, pipe.prior_prior, pipe.text_encoder, pipe.decoder, pipe.vqgan]
+
+
+def estimated(pipe, **request) -> dict[str, tuple[int, int]]:
+    return {s.name: (s.weights, s.activations) for s in memory.estimate(pipe, **request).stages}
+
+
 def test_weights_of_a_model_not_loaded_are_counted_from_its_config(lean, resident):
     for on_demand, loaded in zip(parts(lean), parts(resident), strict=True):
-        expected = sum(t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()])
-        assert memory.model_bytes(on_demand, torch.float32) == expected
+        assert memory.model_bytes(on_demand, torch.float32) == loaded_bytes(loaded)
+
+
+def test_estimate_at_256x256_by_hand(lean, resident):
+    """The activation terms at 256x256, one image, prior guidance 4, worked out by hand from the tiny configs: a
+    6x6 Stage C latent (ceil(256 / 42.67)), a 64x64 Stage B latent (int(6 x 10.67)), a 256x256 image."""
+    by_hand = {
+        "prior text encoder": 2 * 77 * (8 * 32 + 64) * 4,  # guided: prompt and negative prompt
+        "Stage C": 10 * 2 * 36 * 32 * 4 + 2 * 2 * 2 * 77 * 32 * 4,  # guided: batch 2; two blocks' keys and values
+        "decoder text encoder": 1 * 77 * (8 * 24 + 48) * 4,
+        # widest: level 0 (32x32 after the 2x2 patches, width 16); kept: each level's skip and injections, and the
+        # keys and values of levels 1-3's 2, 4 and 2 attention blocks (down and up)
+        "Stage B": 1024 * (10 * 16 + 16) * 4 + (1024 * 16 + 256 * 96 + 64 * 96 + 16 * 96) * 4
+        + (2 + 4 + 2) * 2 * 77 * 32 * 4,
+        "Stage A": 8 * 8 * 64 * 64 * 4 * 4 + 3 * 3 * 256 * 256 * 4,  # the 8-wide level at 128x128; the image
+    }
+    activations = {name: a for name, (_, a) in estimated(lean, height=256, width=256).items()}
+    assert activations == by_hand
+    assert {name: a for name, (_, a) in documented_stages(resident, height=256, width=256).items()} == by_hand
+
+
+@pytest.mark.parametrize("request_", [
+    dict(height=256, width=256),
+    dict(height=512, width=384, images=3),
+    dict(height=1024, width=1024, prior_guidance=1.0, decoder_guidance=2.0),
+    dict(height=2048, width=1024, images=4, low_memory=False),
+    dict(height=128, width=640, images=2, prior_guidance=0.0, low_memory=False),
+], ids=["256", "512x384-three-images", "1024-decoder-guided", "2048x1024-resident", "128x640-unguided-resident"])
+def test_estimate_follows_the_documented_formula(request_, lean, resident):
+    documented = documented_stages(resident, **request_)
+    request = dict(height=request_["height"], width=request_["width"], images_per_prompt=request_.get("images", 1),
+                   prior_guidance_scale=request_.get("prior_guidance", 4.0),
+                   decoder_guidance_scale=request_.get("decoder_guidance", 0.0))
+    assert estimated(lean if request_.get("low_memory", True) else resident, **request) == documented
+    # Either pipeline estimates the other mode on request.
+    assert estimated(resident, **request, low_memory=request_.get("low_memory", True)) == documented
 
 
 def test_estimate_grows_with_size_images_and_guidance(lean):
@@ -114,48 +222,54 @@ def test_estimate_grows_with_size_images_and_guidance(lean):
         return next(s.activations for s in stages if s.name == "Stage C")
 
     assert stage_c(1.0) < stage_c(4.0)  # guidance doubles Stage C's batch
-    stages = memory.estimate(lean, height=512, width=512)
-    weights = {s.name: s.weights for s in stages.stages}
-    assert weights["Stage B"] == memory.model_bytes(lean.decoder, torch.float32)  # only the model at work
-    everything = sum(memory.model_bytes(m, torch.float32) for m in parts(lean))
-    assert memory.estimate(lean, height=512, width=512, low_memory=False).peak.weights == everything
 
 
 def fake_ram(monkeypatch, gigabytes: float) -> None:
     monkeypatch.setattr(memory, "available_memory", lambda device: int(gigabytes * 1e9))
 
 
+def on_the_latent_grid(height: int, width: int) -> bool:
+    """Whether the tiny Stage B can take the size: its latent sides multiples of 16 (2x2 patches, three halvings)."""
+    return all(int(math.ceil(side / 42.67) * 10.67) % 16 == 0 for side in (height, width))
+
+
 def test_refusal_says_what_it_needs_what_there_is_and_what_fits(resident, monkeypatch):
     request = dict(height=2048, width=1024, images_per_prompt=4)
-    need = memory.estimate(resident, **request).peak
-    fake_ram(monkeypatch, need.total / 1e9 * 0.5)
+    name, need = documented_peak(resident, height=2048, width=1024, images=4, low_memory=False)
+    free = need // 2
+    fake_ram(monkeypatch, free / 1e9)
     with pytest.raises(InsufficientMemoryError) as info:
         memory.check_fits(resident, **request)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"2048x1024 with 4 images needs about {need.total / 1e9:.1f} GB of RAM at its peak "
-                              f"({need.name}: ")
-    assert f"and {need.total / 1e9 * 0.5:.1f} GB is available; would fit: " in message
+    weights, activations = documented_stages(resident, height=2048, width=1024, images=4, low_memory=False)[name]
+    assert message.startswith(f"2048x1024 with 4 images needs about {need / 1e9:.1f} GB of RAM at its peak "
+                              f"({name}: {weights / 1e9:.1f} GB of weights, {activations / 1e9:.1f} GB of activations)")
+    assert f"and {free / 1e9:.1f} GB is available; would fit: " in message
     assert message.endswith("(force=True tries anyway)")
-    # The suggestions fit, and one step larger would not.
+
+    def fits(height, width, images=4):
+        return documented_peak(resident, height=height, width=width, images=images, low_memory=False)[1] <= free
+
+    # The suggested size keeps the 2:1 aspect on the 128 grid and fits; the next larger one on the grid does not.
     ways = message.split("would fit: ")[1].split(" (force")[0].split(" or ")
     height, width = map(int, ways[0].split("x"))
-    steps = (2048 - height) // 128  # the suggestion keeps the aspect ratio on the 128 grid
-    assert (height, width) == memory._scaled(2048, 1024, steps) and width in (height // 2, height // 2 - 64)
-    assert memory.estimate(resident, height=height, width=width, images_per_prompt=4).peak.total <= need.total * 0.5
-    larger = memory._scaled(2048, 1024, steps - 1)
-    assert memory.estimate(resident, height=larger[0], width=larger[1], images_per_prompt=4).peak.total \
-        > need.total * 0.5
+    assert height % 128 == width % 128 == 0 and width == 128 * (height // 256) and height < 2048
+    assert on_the_latent_grid(height, width) and fits(height, width)
+    larger = next((h, 128 * (h // 256)) for h in range(height + 128, 2048, 128)
+                  if on_the_latent_grid(h, 128 * (h // 256)))
+    assert not fits(*larger)
+    # The suggested image count is the largest under the four asked for that fits.
     images = int(ways[1].removeprefix("num_images_per_prompt="))
-    assert 1 <= images < 4
-    assert memory.estimate(resident, **{**request, "images_per_prompt": images}).peak.total <= need.total * 0.5
-    assert memory.estimate(resident, **{**request, "images_per_prompt": images + 1}).peak.total > need.total * 0.5
+    assert 1 <= images < 4 and fits(2048, 1024, images) and not fits(2048, 1024, images + 1)
 
 
 def test_low_memory_is_suggested_where_it_would_fit(resident, lean, monkeypatch):
     request = dict(height=256, width=256)
-    low = memory.estimate(lean, **request).peak.total
-    fake_ram(monkeypatch, (low + memory.estimate(resident, **request).peak.total) / 2 / 1e9)
+    _, low = documented_peak(resident, **request)
+    _, everything = documented_peak(resident, **request, low_memory=False)
+    assert low < everything
+    fake_ram(monkeypatch, (low + everything) / 2 / 1e9)
     with pytest.raises(InsufficientMemoryError, match=r"would fit: .*--low-memory \(--force tries anyway\)$"):
         memory.check_fits(resident, **request, names=memory.CLI_NAMES)
     memory.check_fits(lean, **request)  # fits
@@ -199,13 +313,11 @@ def test_resident_weights_that_cannot_fit_on_the_gpu_are_refused_before_moving(r
 # ---------------------------------------------------------------------------------------------------------
 # Published size: the estimate against the measured peak
 
-MEASURE = """
+MEASURE = RSS_PROBE + """
 import json, sys, torch, wurst
 from wurst.runtime import memory
 prior, decoder, size, low_memory = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "low"
 torch.set_num_threads(2)
-def rss(key):
-    return [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(key)][0]
 # float32, the dtype the estimate's table was measured in (the CPU default is bfloat16 where it is native)
 pipe = wurst.load_pipeline(prior=prior, decoder=decoder, device='cpu', dtype=torch.float32, low_memory=low_memory)
 pipe.set_progress_bar_config(disable=True)
@@ -236,13 +348,11 @@ def test_published_estimate_within_25_percent_of_the_measured_peak(size, mode):
     assert abs(predicted / result["peak"] - 1) <= 0.25
 
 
-MEASURE_STAGE_A = """
+MEASURE_STAGE_A = RSS_PROBE + """
 import json, sys, torch, wurst
 from wurst.runtime import memory
 decoder, size = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(2)
-def rss(key):
-    return [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(key)][0]
 vqgan = wurst.load_stage_a(decoder + '/vqgan')
 config = vqgan.config
 latents = torch.randn(1, 4, size // 4, size // 4)

@@ -61,5 +61,21 @@ def test_tokenizer_configs_pad_with_end_of_text():
         assert config["pad_token"] == "<|endoftext|>" and config["model_max_length"] == 77
 
 
-def test_configs_dir_is_where_fixtures_read_from():
-    assert CONFIGS == Path(__file__).resolve().parents[2] / "configs" / "warp-ai"
+def test_published_fixtures_are_built_from_the_configs_in_the_repository():
+    """The published-size fixtures take each component's config.json in configs/warp-ai/ (found here from this
+    file's place, not through tools.hub_fixtures.CONFIGS), less diffusers' `_`-prefixed bookkeeping, unchanged."""
+    root = Path(__file__).resolve().parents[2] / "configs" / "warp-ai"
+    components = [("prior", "wuerstchen-prior", "prior"), ("prior", "wuerstchen-prior", "text_encoder"),
+                  ("decoder", "wuerstchen", "decoder"), ("decoder", "wuerstchen", "vqgan"),
+                  ("decoder", "wuerstchen", "text_encoder")]
+    for repo, hub_name, component in components:
+        on_disk = json.loads((root / hub_name / component / "config.json").read_text())
+        assert component_config(repo, component, "published") == {k: v for k, v in on_disk.items()
+                                                                  if not k.startswith("_")}, (repo, component)
+    # And they are the published models: Stage C 1536 wide and 32 deep, Stage B's four levels, bigG and ViT-H.
+    prior = component_config("prior", "prior", "published")
+    assert (prior["c"], prior["depth"], prior["nhead"]) == (1536, 32, 24)
+    assert component_config("decoder", "decoder", "published")["c_hidden"] == [320, 640, 1280, 1280]
+    assert component_config("decoder", "vqgan", "published")["bottleneck_blocks"] == 12
+    assert component_config("prior", "text_encoder", "published")["hidden_size"] == 1280
+    assert component_config("decoder", "text_encoder", "published")["hidden_size"] == 1024

@@ -12,7 +12,7 @@ from wurst.models.clip import CLIPTextEncoder
 from wurst.weights.configs import read_config
 from wurst.weights.keymaps import CLIP_TEXT_KEYS, KeyMap
 from wurst.weights.load import load_module
-from wurst.weights.safetensors_io import read_safetensors, read_weights, weight_files
+from wurst.weights.safetensors_io import read_safetensors, read_weights, weight_files, write_safetensors
 
 
 @pytest.fixture
@@ -48,9 +48,10 @@ def test_no_tensor_is_copied_whatever_its_alignment(tmp_path):
     offsets = {n: v["data_offsets"][0] for n, v in json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")]).items()}
     base = ours["t0"].data_ptr() - offsets["t0"]
     assert all(t.data_ptr() - base == offsets[n] for n, t in ours.items())
-    # tools/convert_weights.py puts tensors of suitable sizes on 64-byte boundaries, in a valid safetensors file.
-    tools_convert = pytest.importorskip("tools.convert_weights")
-    tools_convert.save_aligned(state, tmp_path / "aligned.safetensors")
+    # wurst's writer (the converter's and the cast copies') puts tensors of suitable sizes on 64-byte boundaries, in
+    # a valid safetensors file.
+    with open(tmp_path / "aligned.safetensors", "wb") as f:
+        write_safetensors(f, state)
     assert load_file(tmp_path / "aligned.safetensors").keys() == state.keys()
     mapped = read_safetensors(tmp_path / "aligned.safetensors")
     assert mapped["t3"].data_ptr() == mapped["t1"].data_ptr() + 64  # written first, back to back in the mapping
@@ -102,9 +103,17 @@ def test_misshaped_tensor_is_named_with_expected_shape(encoder_dir):
         load_clip_text_encoder(encoder_dir)
 
 
-def test_position_ids_buffer_is_ignored(encoder_dir):
-    rewrite(encoder_dir, lambda s: s.__setitem__("text_model.embeddings.position_ids", torch.arange(77)[None]))
-    load_clip_text_encoder(encoder_dir)
+@pytest.mark.parametrize("prefix", ["text_model.", ""], ids=["transformers4", "transformers5"])
+def test_position_ids_buffer_is_ignored(encoder_dir, prefix):
+    """Older exports write the position-id buffer (arange(77)): it loads as if absent, under either naming, and
+    reaches no tensor of the model (here it holds other numbers, which would show)."""
+    plain = load_clip_text_encoder(encoder_dir).state_dict()
+    plain = {name: tensor.clone() for name, tensor in plain.items()}
+    rewrite(encoder_dir, lambda s: s.__setitem__(f"{prefix}embeddings.position_ids", torch.arange(77)[None].flip(1)))
+    assert f"{prefix}embeddings.position_ids" in load_file(encoder_dir / "model.safetensors")
+    state = load_clip_text_encoder(encoder_dir).state_dict()
+    assert state.keys() == plain.keys()
+    assert all(torch.equal(state[name], plain[name]) for name in plain)
 
 
 def test_truncated_file_is_named(encoder_dir):

@@ -27,21 +27,33 @@ from tests.helpers import (
     run_cli,
     run_module,
 )
-from wurst import CheckpointError, ConfigError, Decoder, ModelNotFoundError, Pipeline, Prior, WurstError
+from wurst import (
+    CheckpointError,
+    ConfigError,
+    ModelNotFoundError,
+    WuerstchenDecoderPipeline,
+    WuerstchenPriorPipeline,
+    WurstError,
+)
 from wurst.weights.hub import resolve
 
 # ---------------------------------------------------------------------------------------------------------
 # Model references: missing directories, hub ids offline, mixed-up repositories
 
 
+def load_both(prior, decoder):
+    """The combined pipeline of a prior and a decoder repository, as the API loads them."""
+    return wurst.load_pipeline(prior=prior, decoder=decoder, device="cpu", dtype=torch.float32, low_memory=False)
+
+
 @pytest.mark.parametrize("load", ["prior", "decoder", "pipeline-prior", "pipeline-decoder"])
 def test_api_missing_directory_is_named(load, tmp_path, tiny_prior_repo, tiny_decoder_repo):
     missing = tmp_path / "no" / "such" / "model"
     calls = {
-        "prior": lambda: Prior.from_pretrained(missing, device="cpu"),
-        "decoder": lambda: Decoder.from_pretrained(missing, device="cpu"),
-        "pipeline-prior": lambda: Pipeline.from_pretrained(missing, tiny_decoder_repo, device="cpu"),
-        "pipeline-decoder": lambda: Pipeline.from_pretrained(tiny_prior_repo, missing, device="cpu"),
+        "prior": lambda: WuerstchenPriorPipeline.from_pretrained(missing),
+        "decoder": lambda: WuerstchenDecoderPipeline.from_pretrained(missing),
+        "pipeline-prior": lambda: load_both(missing, tiny_decoder_repo),
+        "pipeline-decoder": lambda: load_both(tiny_prior_repo, missing),
     }
     with pytest.raises(FileNotFoundError) as info:
         calls[load]()
@@ -82,9 +94,9 @@ def test_api_hub_id_offline_and_not_cached(kind, offline_hub, tiny_prior_repo):
     hub_id = {"prior": "warp-ai/wuerstchen-prior", "decoder": "warp-ai/wuerstchen"}[kind]
     with pytest.raises(ModelNotFoundError) as info:
         if kind == "prior":
-            Prior.from_pretrained(hub_id, device="cpu")
+            WuerstchenPriorPipeline.from_pretrained(hub_id)
         else:
-            Pipeline.from_pretrained(tiny_prior_repo, hub_id, device="cpu")
+            load_both(tiny_prior_repo, hub_id)
     assert_offline_message(str(info.value), hub_id)
 
 
@@ -107,7 +119,7 @@ def test_cli_hub_id_offline_and_not_cached(offline_hub, tiny_prior_repo, out_dir
 def test_api_mixed_up_repositories(pair, culprit, tiny_prior_repo, tiny_decoder_repo):
     repos = {"prior": tiny_prior_repo, "decoder": tiny_decoder_repo}
     with pytest.raises(ModelNotFoundError, match=culprit):
-        Pipeline.from_pretrained(repos[pair[0]], repos[pair[1]], device="cpu")
+        load_both(repos[pair[0]], repos[pair[1]])
 
 
 def test_cli_prior_repo_as_decoder_is_named(tiny_prior_repo, out_dir, capsys):
@@ -313,7 +325,10 @@ def damaged(request, tmp_path, tiny_prior_repo, tiny_decoder_repo):
 def test_api_damaged_repository_is_named(damaged):
     prior, decoder, kind, error, culprit = damaged
     with pytest.raises(error) as info:
-        (Prior if kind == "prior" else Decoder).from_pretrained(prior if kind == "prior" else decoder, device="cpu")
+        if kind == "prior":
+            WuerstchenPriorPipeline.from_pretrained(prior)
+        else:
+            WuerstchenDecoderPipeline.from_pretrained(decoder)
     assert isinstance(info.value, WurstError)
     assert culprit in str(info.value) and "\n" not in str(info.value)
 
