@@ -42,7 +42,9 @@ def test_whole_chain_matches_scheduler_and_generator_order(dtype):
 
     ours_gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     x0 = sampler.randn((2, 4, 5, 6), ours_gen, dtype, "cpu")
-    ours = sampler.sample(denoise, x0, timesteps, ours_gen)
+    ours = x0
+    for step in sampler.sample_steps(denoise, x0, timesteps, ours_gen):
+        ours = step.latents
 
     scheduler = DDPMWuerstchenScheduler()
     scheduler.set_timesteps(10)

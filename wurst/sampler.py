@@ -125,19 +125,6 @@ def sample_steps(
         latents = step.latents
 
 
-def sample(
-    denoise: Denoiser,
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    s: float = 0.008,
-    scaler: float = 1.0,
-) -> torch.Tensor:
-    for step in sample_steps(denoise, latents, timesteps, generator, s, scaler):
-        latents = step.latents
-    return latents
-
-
 def guided(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance_scale: float) -> Denoiser:
     """Classifier-free guidance around a model that takes a doubled batch [conditional; unconditional]:
     lerp(uncond, cond, w), which is uncond + w * (cond - uncond) as torch.lerp rounds it."""
