@@ -61,7 +61,7 @@ def header_entries(path: Path, header: dict, data_start: int,
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path} is corrupt: bad header entry for tensor '{name}'") from e
         numel = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if any(s < 0 for s in shape) or end - begin != numel * itemsize or begin < 0 or data_start + end > size:
             raise CheckpointError(
                 f"{path} is truncated or corrupt: tensor '{name}' lies outside the file "
@@ -161,7 +161,7 @@ def write_safetensors(f: BinaryIO, tensors: Mapping[str, torch.Tensor], *, metad
         return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
 
     def nbytes(tensor: torch.Tensor) -> int:
-        return tensor.numel() * torch.empty((), dtype=target(tensor)).element_size()
+        return tensor.numel() * target(tensor).itemsize
 
     order = sorted(tensors, key=lambda name: nbytes(tensors[name]) % ALIGNMENT != 0)
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
