@@ -39,13 +39,24 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, gelu: bool = False):
         super().__init__(in_features, out_features)
         self.gelu = gelu
+        # LoRA (models/lora.py sets these): the unfused adapters' low-rank term, added before the GELU; and, while
+        # adapters are fused into `weight`, the weight they replaced and which adapters they are.
+        self.lora = None
+        self.lora_base: torch.Tensor | None = None
+        self.lora_fused: list = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gelu = self.gelu and self.lora is None  # with a LoRA term, the GELU follows the sum
         if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and self.weight.dtype == x.dtype
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-            attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
-        y = F.linear(x, self.weight, self.bias)
+            attr, algorithm = ("gelu", "none") if gelu else ("none", "")
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+            y = F.gelu(y) if gelu else y
+        if self.lora is None:
+            return y
+        y = self.lora.add_to(y, x)
         return F.gelu(y) if self.gelu else y
 
 

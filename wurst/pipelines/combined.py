@@ -18,12 +18,13 @@ from wurst.pipelines import checks
 from wurst.pipelines.base import Generator, pipeline_from_repository
 from wurst.pipelines.callbacks import StepCallback
 from wurst.pipelines.decoder import WuerstchenDecoderPipeline
+from wurst.pipelines.lora import LoraLoaderMixin
 from wurst.pipelines.outputs import ImagePipelineOutput
 from wurst.pipelines.prior import WuerstchenPriorPipeline
 from wurst.weights.repository import SchedulerConfig, prior_of, read_repository
 
 
-class WuerstchenCombinedPipeline:
+class WuerstchenCombinedPipeline(LoraLoaderMixin):
     """Text to image: WuerstchenPriorPipeline (`prior_pipe`), then WuerstchenDecoderPipeline (`decoder_pipe`).
     The components carry diffusers' names: the decoder's plainly, the prior's with a `prior_` prefix."""
 
@@ -77,6 +78,10 @@ class WuerstchenCombinedPipeline:
         decoder_pipe = pipeline_from_repository(WuerstchenDecoderPipeline, decoder_repo, **options,
                                                 components=decoder_parts)
         return cls.from_pipes(prior_pipe, decoder_pipe)
+
+    def _lora_pipe(self) -> WuerstchenPriorPipeline:
+        """LoRA adapts the prior and its text encoder, as through `prior_pipe` in diffusers."""
+        return self.__dict__["prior_pipe"]
 
     def _owner(self, name: str) -> tuple[Any, str]:
         """Where component `name` lives: the prior's under their `prior_` names, the decoder's under their own."""

@@ -15,11 +15,12 @@ from wurst.models.tokenizer import CLIPTokenizer
 from wurst.pipelines import checks
 from wurst.pipelines.base import Generator, PipelineBase, pipeline_from_repository
 from wurst.pipelines.callbacks import StepCallback, StepEnd
+from wurst.pipelines.lora import LoraLoaderMixin
 from wurst.pipelines.outputs import WuerstchenPriorPipelineOutput, as_output
 from wurst.weights.repository import PriorPipelineConfig, SchedulerConfig, read_repository
 
 
-class WuerstchenPriorPipeline(PipelineBase):
+class WuerstchenPriorPipeline(PipelineBase, LoraLoaderMixin):
     """Stage C: prompts -> image embeddings (B·n, 16, ceil(H / 42.67), ceil(W / 42.67)) in Stage B's range."""
 
     _models = ("text_encoder", "prior")

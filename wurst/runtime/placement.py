@@ -6,7 +6,7 @@ kept for reuse (runtime.heap.kept_heap)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ class Placement:
         self.owner, self.names, self.denoiser = owner, names, denoiser
         self.offloaded: dict[str, Offloaded] = {}
         self.offload_device: torch.device | None = None
+        # Edits that every copy of a model must carry (its LoRA adapters): applied to the model now, and again to
+        # each fresh load in low-memory mode and after each move.
+        self.preparers: dict[str, Callable[[nn.Module], None]] = {}
 
     def _model(self, name: str):
         return getattr(self.owner, name)
@@ -58,6 +61,23 @@ class Placement:
                                                  self.offloaded[name].sequential)
             else:
                 model.to(device=device, dtype=dtype)
+        for name, prepare in self.preparers.items():
+            self.prepare(name, prepare)
+
+    def prepare(self, name: str, prepare: Callable[[nn.Module], None]) -> None:
+        """Make `prepare` part of model `name`: applied now where the model is in memory (an offloaded model is
+        restored for it, then offloaded again) and to every load of it in low-memory mode."""
+        self.preparers[name] = prepare
+        model = self._model(name)
+        if isinstance(model, OnDemand):
+            return
+        if name in self.offloaded:
+            offloaded = self.offloaded.pop(name)
+            module = offloaded.restore()
+            prepare(module)
+            self.offloaded[name] = Offloaded(module, offloaded.sequential)
+        else:
+            prepare(model)
 
     def offload(self, device: torch.device | str | None, gpu_id: int | None, *, sequential: bool, method: str) -> None:
         """Keep every model in CPU RAM and lend it (whole, or layer by layer when `sequential`) to `device` (by
@@ -82,6 +102,8 @@ class Placement:
             model = self._model(name)
             if isinstance(model, OnDemand):
                 loaded = model.load(dtype=model.dtype, device=model.device)
+                if name in self.preparers:
+                    self.preparers[name](loaded)
                 try:
                     yield loaded
                 finally:
