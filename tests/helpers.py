@@ -186,3 +186,27 @@ def shape_recorder(records: dict, key: str):
         return {}
 
     return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA files
+
+# The tiny prior (tools/hub_fixtures.TINY): width 32, depth 2, so its attention blocks are blocks 2 and 5; its text
+# encoder has width 32 and 2 layers. Names as diffusers' WuerstchenPrior and transformers' CLIPTextModel give them.
+TINY_PRIOR_ATTENTION = [f"blocks.{i}.attention.{p}" for i in (2, 5) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+TINY_TEXT_ATTENTION = [f"text_model.encoder.layers.{i}.self_attn.{p}" for i in (0, 1)
+                       for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+
+
+def make_prior_lora(seed: int, rank: int = 2, scale: float = 0.3, text_encoder: bool = False,
+                    width: int = 32) -> dict[str, torch.Tensor]:
+    """A random LoRA in diffusers' format for the tiny prior's attention (and its text encoder's, when asked): strong
+    enough to move the output far beyond every parity tolerance."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = [("prior", m) for m in TINY_PRIOR_ATTENTION]
+    modules += [("text_encoder", m) for m in TINY_TEXT_ATTENTION] if text_encoder else []
+    state = {}
+    for prefix, module in modules:
+        state[f"{prefix}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=generator) * scale
+        state[f"{prefix}.{module}.lora_B.weight"] = torch.randn(width, rank, generator=generator) * scale
+    return state
