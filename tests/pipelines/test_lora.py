@@ -359,3 +359,66 @@ def test_dtype_moves_keep_the_adapters(pair):
     lora_on = run_both((ours, ours), **RUN)[0]
     ours.unload_lora_weights()
     assert relative_error(run_both((ours, ours), **RUN)[0], lora_on) > EFFECT
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Published size (slow)
+
+
+def published_lora(seed: int) -> dict[str, torch.Tensor]:
+    """Rank 4 on diffusers' training-script targets of the published prior (128 layers of width 1536) and on the
+    attention of its text encoder (32 layers of width 1280)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    modules = [("prior", f"blocks.{3 * i + 2}.attention.{p}", 1536) for i in range(32)
+               for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    modules += [("text_encoder", f"text_model.encoder.layers.{i}.self_attn.{p}", 1280) for i in range(32)
+                for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    for prefix, module, width in modules:
+        state[f"{prefix}.{module}.lora_A.weight"] = torch.randn(4, width, generator=generator) * 0.05
+        state[f"{prefix}.{module}.lora_B.weight"] = torch.randn(width, 4, generator=generator) * 0.05
+    return state
+
+
+@pytest.fixture(scope="module")
+def published_prior_repo():
+    from tools import hub_fixtures
+
+    return hub_fixtures.ensure("published", "prior")
+
+
+@pytest.mark.slow
+def test_published_lora_parity_float32(published_prior_repo):
+    ours = wurst.WuerstchenPriorPipeline.from_pretrained(published_prior_repo)
+    ours.set_progress_bar_config(disable=True)
+    pair = ours, reference.prior_pipeline(published_prior_repo)
+    run = dict(prompt=PROMPT, height=512, width=512, num_inference_steps=3, guidance_scale=4.0,
+               output="image_embeddings")
+    base = run_both(pair, **run)[1]
+    both(pair, "load_lora_weights", published_lora(0))
+    got, expected = run_both(pair, **run)
+    error, effect = relative_error(got, expected), relative_error(expected, base)
+    print(f"published LoRA float32: relative error {error:.2e}, the LoRA's effect {effect:.2e}")
+    assert error <= 1e-3 and effect > EFFECT
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_published_lora_bfloat16_forward_is_as_accurate_as_diffusers(published_prior_repo):
+    """One Stage C forward (guidance's batch of 2, the 24x24 latent of 1024x1024) with a LoRA: wurst's bfloat16
+    against float64, beside diffusers' bfloat16 with peft on the same inputs; no more than 10% further."""
+    lora = published_lora(0)
+    ref = reference.prior_pipeline(published_prior_repo)
+    ref.load_lora_weights(lora)
+    ours = wurst.WuerstchenPriorPipeline.from_pretrained(published_prior_repo, torch_dtype=torch.bfloat16)
+    ours.load_lora_weights(lora)
+    generator = torch.Generator().manual_seed(0)
+    x, r, text = torch.randn(2, 16, 24, 24, generator=generator), torch.rand(2, generator=generator), \
+        torch.randn(2, 77, 1280, generator=generator)
+    exact = ref.prior.double()(x.double(), r.double(), text.double())
+    theirs = ref.prior.to(torch.bfloat16)(x.bfloat16(), r.bfloat16(), text.bfloat16())
+    got = ours.prior(x.bfloat16(), r.bfloat16(), text.bfloat16())
+    ours_error, theirs_error = relative_error(got, exact), relative_error(theirs, exact)
+    print(f"published LoRA bfloat16 forward: wurst {ours_error:.2e}, diffusers {theirs_error:.2e}, between "
+          f"{relative_error(got, theirs):.2e}")
+    assert ours_error <= 1.1 * theirs_error
