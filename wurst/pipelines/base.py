@@ -1,12 +1,14 @@
 """What the documented pipelines share: the component registry, `.to` and offload (delegated to
-runtime.placement), progress bars, and the steps every stage takes: encoding text, drawing the first noise and the
-denoising loop with diffusers' step callbacks."""
+runtime.placement), save_pretrained (delegated to weights.save), progress bars, and the steps every stage takes:
+encoding text, drawing the first noise and the denoising loop with diffusers' step callbacks."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +20,8 @@ from wurst.pipelines.callbacks import StepEnd
 from wurst.runtime.devices import parse_device
 from wurst.runtime.offload import OnDemand
 from wurst.runtime.placement import Placement
-from wurst.weights.repository import KINDS, Repository, SchedulerConfig
+from wurst.weights.repository import KINDS, Repository, SchedulerConfig, kept_prior
+from wurst.weights.save import RepositoryContents, save_repositories
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
@@ -30,6 +33,7 @@ class PipelineBase:
     _denoiser: str = ""  # the attribute whose weights define the pipeline's device and dtype
     _stage: str = ""  # the progress bar's label
     _callback_tensor_inputs: list[str] = []
+    _card_prior: str | None = None  # the prior a decoder's saved model card names: the one it was loaded with
 
     def __init__(self) -> None:
         self.placement = Placement(self, self._models, self._denoiser)
@@ -79,6 +83,40 @@ class PipelineBase:
         """Keep every model in CPU RAM and stream its layers to the accelerator one at a time as they run:
         the least device memory, the slowest."""
         self.placement.offload(device, gpu_id, sequential=True, method="enable_sequential_cpu_offload")
+
+    # -- saving ------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None) -> None:
+        """Write the pipeline in diffusers' hub layout, which from_pretrained (and diffusers' and transformers'
+        model loaders) read back: model_index.json, each model's config.json and current weights, tokenizer/ and
+        scheduler/. `variant` ("fp16", "bf16") writes `<stem>.<variant>.safetensors` files cast to that dtype.
+        Atomic: the folder is replaced when the save is complete (see wurst.weights.save for what an earlier save's
+        files become). Only safetensors are written: safe_serialization=False is refused."""
+        save_repositories(save_directory, repositories={".": self.repository_contents()}, variant=variant,
+                          safe_serialization=safe_serialization)
+
+    def repository_contents(self, *, prior: str | None = None) -> RepositoryContents:
+        """What save_pretrained writes. `prior` is the prior a decoder's model card names (by default the hub
+        prior its own card named, if any)."""
+        return RepositoryContents(
+            kind=self._denoiser,  # a repository is named after its denoiser: "prior" or "decoder"
+            pipeline_config=self.config, scheduler=self.scheduler, tokenizer=self.tokenizer,
+            models={name: functools.partial(self.checkpoint_state, name) for name in self._models},
+            prior=prior if prior is not None else self._card_prior,
+        )
+
+    @contextlib.contextmanager
+    def checkpoint_state(self, name: str) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
+        """Model `name`'s config and state dict (registered parameters and buffers) as they are now, for the time
+        of the block: an offloaded model's CPU copies; a low-memory model loaded, as it runs, and released after."""
+        if name in self.placement.offloaded:
+            offloaded = self.placement.offloaded[name]
+            yield getattr(offloaded.module, "_orig_mod", offloaded.module).config, offloaded.state_dict()
+            return
+        with self.placement.running(name) as model:
+            module = getattr(model, "_orig_mod", model)  # a torch.compile wrapper's module
+            yield module.config, module.state_dict()
 
     # -- progress ----------------------------------------------------------------------------------------
 
@@ -144,4 +182,6 @@ def pipeline_from_repository(cls, repo: Repository, *, torch_dtype: torch.dtype 
     parts.update(components)
     pipe = cls(**parts, **dataclasses.asdict(repo.pipeline_config))
     pipe.name_or_path = str(repo.folder)
+    if repo.kind == "decoder":
+        pipe._card_prior = kept_prior(repo.folder)
     return pipe

@@ -22,6 +22,7 @@ from wurst.pipelines.lora import LoraLoaderMixin
 from wurst.pipelines.outputs import ImagePipelineOutput
 from wurst.pipelines.prior import WuerstchenPriorPipeline
 from wurst.weights.repository import SchedulerConfig, prior_of, read_repository
+from wurst.weights.save import PRIOR_FOLDER, save_repositories
 
 
 class WuerstchenCombinedPipeline(LoraLoaderMixin):
@@ -58,11 +59,12 @@ class WuerstchenCombinedPipeline(LoraLoaderMixin):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen", *,
         prior_repo: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None,
-        low_memory: bool = False, **components,
+        low_memory: bool = False, variant: str | None = None, **components,
     ) -> WuerstchenCombinedPipeline:
         """The decoder repository (hub id or folder) and the prior its model card names under `prior:`, as
         diffusers finds it; `prior_repo` names the prior instead. Components given by name (decoder=...,
-        prior_prior=...) replace the loaded ones."""
+        prior_prior=...) replace the loaded ones. `variant` ("fp16", "bf16") reads both repositories'
+        `<stem>.<variant>.safetensors` weight files."""
         unknown = sorted(set(components) - set(cls._component_names))
         if unknown:
             raise TypeError(f"from_pretrained() got an unexpected keyword argument '{unknown[0]}'")
@@ -70,14 +72,26 @@ class WuerstchenCombinedPipeline(LoraLoaderMixin):
         decoder_parts = {k: v for k, v in components.items() if not k.startswith("prior_")}
         options = dict(torch_dtype=torch_dtype, low_memory=low_memory)
         # A named prior is read first (the order of the stages); otherwise the decoder's card names it.
-        load_prior = functools.partial(WuerstchenPriorPipeline.from_pretrained, **options, **prior_parts)
+        load_prior = functools.partial(WuerstchenPriorPipeline.from_pretrained, **options, variant=variant,
+                                       **prior_parts)
         prior_pipe = None if prior_repo is None else load_prior(prior_repo)
-        decoder_repo = read_repository(pretrained_model_name_or_path, "decoder")
+        decoder_repo = read_repository(pretrained_model_name_or_path, "decoder", variant)
         if prior_pipe is None:
             prior_pipe = load_prior(prior_of(decoder_repo.folder))
         decoder_pipe = pipeline_from_repository(WuerstchenDecoderPipeline, decoder_repo, **options,
                                                 components=decoder_parts)
         return cls.from_pipes(prior_pipe, decoder_pipe)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None) -> None:
+        """The decoder repository at `save_directory`, its model card naming the prior repository saved inside it
+        as `prior/` (a path from the decoder's folder, where from_pretrained looks), so that
+        from_pretrained(save_directory) reads both back. One atomic save; otherwise as
+        WuerstchenDecoderPipeline.save_pretrained. (Image to image's encoder is not part of the layout.)"""
+        repositories = {".": self.decoder_pipe.repository_contents(prior=PRIOR_FOLDER),
+                        PRIOR_FOLDER: self.prior_pipe.repository_contents()}
+        save_repositories(save_directory, repositories=repositories, variant=variant,
+                          safe_serialization=safe_serialization)
 
     def _lora_pipe(self) -> WuerstchenPriorPipeline:
         """LoRA adapts the prior and its text encoder, as through `prior_pipe` in diffusers."""

@@ -47,12 +47,14 @@ class WuerstchenDecoderPipeline(PipelineBase):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen", *,
-        torch_dtype: torch.dtype | None = None, low_memory: bool = False, **components,
+        torch_dtype: torch.dtype | None = None, low_memory: bool = False, variant: str | None = None,
+        **components,
     ) -> WuerstchenDecoderPipeline:
         """A decoder repository: hub id (through the Hugging Face cache) or local folder, hub or converted
         layout. Components given by name (decoder=..., vqgan=...) are used instead of the repository's.
-        low_memory=True loads each model only while it runs."""
-        repo = read_repository(pretrained_model_name_or_path, "decoder")
+        low_memory=True loads each model only while it runs. `variant` ("fp16", "bf16") reads the
+        `<stem>.<variant>.safetensors` weight files, as diffusers does."""
+        repo = read_repository(pretrained_model_name_or_path, "decoder", variant)
         return pipeline_from_repository(cls, repo, torch_dtype=torch_dtype, low_memory=low_memory,
                                         components=components)
 

@@ -83,7 +83,8 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen", *,
         prior_repo: str | os.PathLike | None = None, image_encoder: str | os.PathLike | nn.Module | None = None,
-        torch_dtype: torch.dtype | None = None, low_memory: bool = False, **components,
+        torch_dtype: torch.dtype | None = None, low_memory: bool = False, variant: str | None = None,
+        **components,
     ) -> WuerstchenImg2ImgPipeline:
         """As WuerstchenCombinedPipeline.from_pretrained, plus the image encoder: `image_encoder` (an original
         model_v2_stage_b.pt, a converted folder holding stage_c_encoder.safetensors, or a module); by default the
@@ -93,7 +94,7 @@ class WuerstchenImg2ImgPipeline(WuerstchenCombinedPipeline):
                                                  dtype=torch_dtype or torch.float32)
         combined = WuerstchenCombinedPipeline.from_pretrained(
             pretrained_model_name_or_path, prior_repo=prior_repo, torch_dtype=torch_dtype, low_memory=low_memory,
-            **components)
+            variant=variant, **components)
         return cls.from_pipes(combined.prior_pipe, combined.decoder_pipe, image_encoder)
 
     def _owner(self, name: str) -> tuple[Any, str]:

@@ -46,12 +46,14 @@ class WuerstchenPriorPipeline(PipelineBase, LoraLoaderMixin):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike = "warp-ai/wuerstchen-prior", *,
-        torch_dtype: torch.dtype | None = None, low_memory: bool = False, **components,
+        torch_dtype: torch.dtype | None = None, low_memory: bool = False, variant: str | None = None,
+        **components,
     ) -> WuerstchenPriorPipeline:
         """A prior repository: hub id (through the Hugging Face cache) or local folder, hub or converted layout.
         Components given by name (prior=..., text_encoder=...) are used instead of the repository's.
-        low_memory=True loads each model only while it runs."""
-        repo = read_repository(pretrained_model_name_or_path, "prior")
+        low_memory=True loads each model only while it runs. `variant` ("fp16", "bf16") reads the
+        `<stem>.<variant>.safetensors` weight files, as diffusers does."""
+        repo = read_repository(pretrained_model_name_or_path, "prior", variant)
         return pipeline_from_repository(cls, repo, torch_dtype=torch_dtype, low_memory=low_memory,
                                         components=components)
 

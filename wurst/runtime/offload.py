@@ -94,6 +94,17 @@ class Offloaded:
             self.hooks.clear()
             self._park()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's state dict (its names: parameters and persistent buffers) in the CPU copies, wherever the
+        module's own tensors are parked; a compiled module's under the names of the module it wraps."""
+        module = getattr(self.module, "_orig_mod", self.module)
+        modules = dict(module.named_modules(remove_duplicate=False))
+        state = {}
+        for name in module.state_dict(keep_vars=True):
+            owner, _, leaf = name.rpartition(".")
+            state[name] = self.home[modules[owner]][leaf]
+        return state
+
     def restore(self) -> nn.Module:
         """Back to an ordinary module, its weights on the CPU."""
         for sub, home in self.home.items():

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +76,19 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
 
 @contextlib.contextmanager
-def replace_folder(target: str | os.PathLike) -> Iterator[Path]:
+def replace_folder(target: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """A fresh temporary folder beside `target` to fill; when the block ends it becomes `target`, replacing an old
     one only then. A failure, in the block or in the swap, leaves the old `target` as it was and no temporary
-    folder behind."""
+    folder behind. With `keep`, the old `target`'s files that `keep` accepts (given their paths relative to it)
+    and that the block did not write are carried into the new folder first (carry_over), so they survive."""
     target = Path(target)
     partial, old = target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         yield partial
+        if keep is not None and target.is_dir():
+            carry_over(target, partial, keep)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -100,3 +103,25 @@ def replace_folder(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def carry_over(old: Path, new: Path, keep: Callable[[Path], bool]) -> None:
+    """Give `new` the files of `old` that `keep` accepts and that `new` has no entry for, at the same relative
+    paths: hard links (copies where a link is refused), symbolic links recreated as such. What `new` holds wins,
+    a file where `new` has a folder included."""
+    for root, folders, files in os.walk(old):  # a linked folder is listed, not entered
+        here = Path(root)
+        for name in files + [f for f in folders if (here / f).is_symlink()]:
+            source = here / name
+            relative = source.relative_to(old)
+            blocked = any((new / p).is_symlink() or (new / p).is_file() for p in list(relative.parents)[:-1])
+            if blocked or os.path.lexists(new / relative) or not keep(relative):
+                continue
+            (new / relative).parent.mkdir(parents=True, exist_ok=True)
+            if source.is_symlink():
+                os.symlink(os.readlink(source), new / relative)
+                continue
+            try:
+                os.link(source, new / relative)
+            except OSError:
+                shutil.copy2(source, new / relative)

@@ -5,6 +5,7 @@ weight is loaded."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wurst.errors import ConfigError, ModelNotFoundError
+from wurst.errors import ArgumentError, ConfigError, ModelNotFoundError
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.models.validation import require_finite
 from wurst.weights.configs import config_from_dict, read_config, read_json
@@ -99,22 +100,37 @@ class Repository:
                               converted=self.converted, dtype=dtype, device=device)
 
 
-def read_repository(ref: str | os.PathLike, kind: str) -> Repository:
-    """Find, check and read a prior or decoder repository (hub id or local directory, either layout)."""
+def check_variant(variant: str | None) -> str | None:
+    """A weight file variant as diffusers names them (`diffusion_pytorch_model.<variant>.safetensors`): letters,
+    digits and underscores, so that it cannot reach outside a component's folder."""
+    if variant is not None and not (isinstance(variant, str) and re.fullmatch(r"[A-Za-z0-9_]+", variant)):
+        raise ArgumentError(f"variant must be a name such as 'fp16' or 'bf16' (letters, digits, _), got {variant!r}")
+    return variant
+
+
+def read_repository(ref: str | os.PathLike, kind: str, variant: str | None = None) -> Repository:
+    """Find, check and read a prior or decoder repository (hub id or local directory, either layout). `variant`
+    ("fp16", "bf16", ...) reads the hub layout's `<stem>.<variant>.safetensors` weight files."""
+    check_variant(variant)
     components = KINDS[kind].components
     patterns = [CONVERTED_INDEX, MODEL_CARD, "model_index.json", "tokenizer/*", "scheduler/*",
                 *(f"{COMPONENTS[c].folder}/*" for c in components)]
     folder = resolve(ref, allow_patterns=patterns)
-    return read_converted(folder, kind) if (folder / CONVERTED_INDEX).is_file() else read_hub(folder, kind)
+    if (folder / CONVERTED_INDEX).is_file():
+        if variant is not None:
+            raise ArgumentError(f"{folder} is in wurst's converted layout, which has no variant files: load it "
+                                f"without variant={variant!r}")
+        return read_converted(folder, kind)
+    return read_hub(folder, kind, variant)
 
 
-def read_hub(folder: Path, kind: str) -> Repository:
+def read_hub(folder: Path, kind: str, variant: str | None = None) -> Repository:
     spec = KINDS[kind]
     folders = [COMPONENTS[c].folder for c in spec.components]
     index = check_repo(folder, kind, [*folders, "tokenizer"])
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     configs = {c: hub_config(c, folder / COMPONENTS[c].folder) for c in spec.components}
-    files = {c: weight_files(folder / COMPONENTS[c].folder, COMPONENTS[c].file_stem) for c in spec.components}
+    files = variant_files(folder, spec.components, variant)
     for c in spec.components:
         check_against_weights(c, config=configs[c], files=files[c],
                               config_source=str(folder / COMPONENTS[c].folder / "config.json"))
@@ -166,6 +182,22 @@ def read_converted(folder: Path, kind: str) -> Repository:
     )
 
 
+def variant_files(folder: Path, components: tuple[str, ...], variant: str | None) -> dict[str, list[Path]]:
+    """Each component's weight files: of `variant` where its folder has them, else the plain ones, which is how
+    diffusers loads a variant (a mixture, as long as some component has the variant)."""
+    def has_variant(component: str) -> bool:
+        where, stem = folder / COMPONENTS[component].folder, COMPONENTS[component].file_stem
+        return any(where.glob(f"{stem}.{variant}*.safetensors")) or (
+            where / f"{stem}.safetensors.index.{variant}.json").is_file()
+
+    chosen = {c: variant if variant is not None and has_variant(c) else None for c in components}
+    if variant is not None and not any(chosen.values()):
+        first = COMPONENTS[components[0]]
+        raise ModelNotFoundError(f"{folder} has no weights of the variant {variant!r} (such as "
+                                 f"{first.folder}/{first.file_stem}.{variant}.safetensors)")
+    return {c: weight_files(folder / COMPONENTS[c].folder, COMPONENTS[c].file_stem, chosen[c]) for c in components}
+
+
 def check_tokenizer(tokenizer: CLIPTokenizer, config, source: str) -> None:
     """The text encoder must have a row for every id the tokenizer gives and a position for every token."""
     ids = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -198,21 +230,44 @@ def check_repo(folder: Path, kind: str, folders: list[str]) -> dict:
     return index
 
 
+def card_metadata(card: Path) -> dict:
+    """The front matter of a model card (README.md), {} where there is none."""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        metadata = metadata_load(card)
+    except Exception as e:  # a malformed YAML front matter; its parser's errors have no common base
+        raise ConfigError(f"{card} has unreadable front matter ({type(e).__name__})") from e
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def card_prior(decoder_folder: Path) -> str | None:
+    """The prior a decoder repository's model card names (README.md front matter, `prior:`), as written there;
+    None when there is no card or it names none."""
+    card = decoder_folder / MODEL_CARD
+    named = card_metadata(card).get("prior") if card.is_file() else None
+    if isinstance(named, list):
+        named = named[0] if named else None
+    return named if isinstance(named, str) and named else None
+
+
+def kept_prior(decoder_folder: Path) -> str | None:
+    """The prior that a copy of this decoder repository saved elsewhere names in its card: the card's hub id or
+    absolute path. None for a path relative to the folder (the copy does not carry that prior), or no card."""
+    try:
+        named = card_prior(decoder_folder)
+    except ConfigError:  # an unreadable card does not stop the decoder loading; the copy gets none
+        return None
+    if named is None or (not Path(named).is_absolute() and (decoder_folder / named).is_dir()):
+        return None
+    return named
+
+
 def prior_of(decoder_folder: Path) -> str:
     """The prior a decoder repository names in its model card (README.md front matter, `prior:`), as
     diffusers finds it for the combined pipeline. A relative path is taken from the decoder's folder."""
-    card = decoder_folder / MODEL_CARD
-    named = None
-    if card.is_file():
-        from huggingface_hub.repocard import metadata_load
-
-        try:
-            named = (metadata_load(card) or {}).get("prior")
-        except Exception as e:  # a malformed YAML front matter; its parser's errors have no common base
-            raise ConfigError(f"{card} has unreadable front matter ({type(e).__name__})") from e
-    if isinstance(named, list):
-        named = named[0] if named else None
-    if not isinstance(named, str) or not named:
+    named = card_prior(decoder_folder)
+    if named is None:
         default = KINDS["prior"].default
         raise ModelNotFoundError(
             f"{decoder_folder} has no model card naming its prior (README.md front matter `prior: [{default}]`): "

@@ -120,7 +120,8 @@ def weight_files(component_dir: Path, stem: str, variant: str | None = None) -> 
         single = component_dir / f"{base}.safetensors"
         if single.is_file():
             return [single]
-        index = component_dir / f"{base}.safetensors.index.json"
+        # A variant's index carries the variant before ".json", as diffusers and transformers name it.
+        index = component_dir / (f"{stem}.safetensors.index.{v}.json" if v else f"{stem}.safetensors.index.json")
         if index.is_file():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -175,5 +176,5 @@ def write_safetensors(f: BinaryIO, tensors: Mapping[str, torch.Tensor], *, metad
     text += b" " * (-(8 + len(text)) % ALIGNMENT)
     f.write(struct.pack("<Q", len(text)) + text)
     for name in order:
-        tensor = tensors[name].to(target(tensors[name])).contiguous()
+        tensor = tensors[name].to(device="cpu", dtype=target(tensors[name])).contiguous()  # from any device
         f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)

@@ -1,9 +1,11 @@
-"""The tokenizer's files: a hub `tokenizer/` folder read into a models.tokenizer.CLIPTokenizer. Two layouts exist on
-the hub: `tokenizer.json` (the whole pipeline, serialised), and the older `vocab.json` + `merges.txt`; either has
-`tokenizer_config.json` / `special_tokens_map.json` beside it, read as transformers reads them."""
+"""The tokenizer's files: a hub `tokenizer/` folder read into a models.tokenizer.CLIPTokenizer, and written from one.
+Two layouts exist on the hub: `tokenizer.json` (the whole pipeline, serialised), and the older `vocab.json` +
+`merges.txt`; either has `tokenizer_config.json` / `special_tokens_map.json` beside it, read as transformers reads
+them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
@@ -61,3 +63,27 @@ def read_tokenizer(folder: str | Path) -> CLIPTokenizer:
     # three pad-token ids, not one "!!!" merge); do the same.
     tokenizer.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys((bos, eos, unk, pad))])
     return CLIPTokenizer(tokenizer, pad, max_length)
+
+
+def write_tokenizer(folder: str | Path, tokenizer: CLIPTokenizer) -> None:
+    """A `tokenizer/` folder in both layouts, which read_tokenizer and transformers' CLIPTokenizer read back as
+    `tokenizer`: tokenizer.json, vocab.json + merges.txt (for a BPE model), and tokenizer_config.json /
+    special_tokens_map.json with the published repositories' fields, naming the special tokens the pipeline uses."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    serialised = tokenizer.tokenizer.to_str()
+    (folder / "tokenizer.json").write_text(serialised, encoding="utf-8")
+    pipeline = json.loads(serialised)
+    if (pipeline.get("model") or {}).get("type") == "BPE":
+        tokenizer.tokenizer.model.save(str(folder))  # vocab.json and merges.txt
+    ends = pipeline.get("post_processor") or {}  # CLIP's: RobertaProcessing, with cls (start) and sep (end)
+    bos = (ends.get("cls") or [BOS])[0]
+    eos = (ends.get("sep") or [EOS])[0]
+    special = {"bos_token": bos, "eos_token": eos, "pad_token": tokenizer.pad_token,
+               "unk_token": (pipeline.get("model") or {}).get("unk_token") or eos}
+    config = {"add_prefix_space": False, "clean_up_tokenization_spaces": True, "do_lower_case": True,
+              "errors": "replace", "model_max_length": tokenizer.max_length, "tokenizer_class": "CLIPTokenizer",
+              **special}
+    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        (folder / name).write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
