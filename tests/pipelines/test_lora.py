@@ -422,3 +422,21 @@ def test_published_lora_bfloat16_forward_is_as_accurate_as_diffusers(published_p
     print(f"published LoRA bfloat16 forward: wurst {ours_error:.2e}, diffusers {theirs_error:.2e}, between "
           f"{relative_error(got, theirs):.2e}")
     assert ours_error <= 1.1 * theirs_error
+
+
+def test_the_memory_estimate_counts_the_adapters(tiny_prior_repo, tiny_decoder_repo):
+    """Rank 2 on 8 layers of width 32 in float32: 8 · (2·32 + 32·2) · 4 = 4096 bytes of factors; fused, each layer
+    also holds a new 32x32 weight: 8 · 32 · 32 · 4 = 32768 bytes more."""
+    from wurst.runtime import memory
+
+    pipe = wurst.load_pipeline(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", dtype=torch.float32)
+
+    def stage_c_weights() -> int:
+        stages = memory.estimate(pipe, height=256, width=256).stages
+        return next(s.weights for s in stages if s.name == "Stage C")
+
+    base = stage_c_weights()
+    pipe.load_lora_weights(make_prior_lora(1))
+    assert stage_c_weights() - base == 4096
+    pipe.fuse_lora()
+    assert stage_c_weights() - base == 4096 + 32768

@@ -88,6 +88,16 @@ class LoraLoaderMixin:
         for component in COMPONENTS:
             pipe.placement.prepare(component, functools.partial(apply_lora, wanted=adapters.wanted(component)))
 
+    def lora_bytes(self, component: str, dtype: torch.dtype) -> int:
+        """The memory the adapters add to model `component` in `dtype`: their factors, and a new weight for every
+        layer with fused adapters (the base weight stays, to be put back)."""
+        adapters = self._adapters
+        total = sum(f.down.numel() + f.up.numel() for layers in adapters.layers.values()
+                    for f in layers.get(component, {}).values()) * dtype.itemsize
+        fused_layers = {name: f for adapter, _ in adapters.fused.get(component, [])
+                        for name, f in adapters.layers[adapter].get(component, {}).items()}
+        return total + sum(f.up.shape[0] * f.down.shape[1] for f in fused_layers.values()) * dtype.itemsize
+
     def _check_adapters_exist(self, names: list[str]) -> None:
         missing = [n for n in names if n not in self._adapters.layers]
         if missing:

@@ -113,6 +113,9 @@ def estimate(pipe, *, height: int, width: int, prompts: int = 1, images_per_prom
     if low_memory is None:
         low_memory = isinstance(prior.prior, OnDemand)
     weights = {name: model_bytes(model, dtype) for name, model in models.items()}
+    # LoRA adapters (pipelines/lora.py): their factors, and the fused copies of the layers they are fused into.
+    weights["prior text encoder"] += prior.lora_bytes("text_encoder", dtype)
+    weights["Stage C"] += prior.lora_bytes("prior", dtype)
     configs = {name: model.config for name, model in models.items()}
 
     images = prompts * images_per_prompt
