@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from wurst.files import png_metadata, write_png_atomically
@@ -19,6 +20,8 @@ from wurst.files import png_metadata, write_png_atomically
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+# The WEIGHT of --lora REF:WEIGHT (infinities and NaN too, so that they are refused rather than read as paths).
+LORA_WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
 
 
 class UsageError(Exception):
@@ -62,6 +65,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(low_memory=None)
     p.add_argument("--force", action="store_true",
                    help="run even when the memory estimate says the device has too little")
+    p.add_argument("--lora", action="append", default=[], metavar="REF[:WEIGHT]",
+                   help="a LoRA for the prior: a .safetensors file, a folder holding one, a hub id user/repo or "
+                        "user/repo/FILE.safetensors; WEIGHT default 1 (repeat for several)")
 
 
 def add_image_options(p: argparse.ArgumentParser) -> None:
@@ -97,6 +103,16 @@ def check_generation_options(args: argparse.Namespace) -> None:
     for name, steps in (("--prior-steps", args.prior_steps), ("--decoder-steps", args.decoder_steps)):
         if steps is not None:
             checks.check_count(name, steps)
+
+
+def lora_options(values: list[str]) -> list[tuple[str, float]]:
+    """--lora REF[:WEIGHT] as (REF, WEIGHT): only a trailing ':<number>' is a weight, so REF may hold ':' itself
+    (a REF that ends in ':<number>' is given as REF:1)."""
+    pairs = []
+    for value in values:
+        reference, colon, tail = value.rpartition(":")
+        pairs.append((reference, float(tail)) if colon and LORA_WEIGHT.fullmatch(tail) else (value, 1.0))
+    return pairs
 
 
 def device_and_dtype(args: argparse.Namespace):
@@ -190,8 +206,9 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
 
 
 def generation_settings(args: argparse.Namespace, *, prompt: str, negative_prompt: str | None, seed: int,
-                        height: int, width: int, num_images: int, device, dtype) -> dict:
-    """What made an image, as recorded in its PNG (and in batch manifests)."""
+                        height: int, width: int, num_images: int, device, dtype, loras: Sequence = ()) -> dict:
+    """What made an image, as recorded in its PNG (and in batch manifests); `loras` (ChosenLora) when there are
+    any."""
     import wurst
 
     return {
@@ -202,6 +219,7 @@ def generation_settings(args: argparse.Namespace, *, prompt: str, negative_promp
         "prior": str(args.prior), "decoder": str(args.decoder), "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "wurst_version": wurst.__version__,
+        **({"loras": [lora.record() for lora in loras]} if loras else {}),
     }
 
 
@@ -211,6 +229,7 @@ def run(argv: list[str]) -> list[Path]:
 
     from wurst.api import load_pipeline, prior_schedule
     from wurst.pipelines import checks
+    from wurst.weights.lora_refs import choose_loras
 
     # Cheap checks first: arguments, the input images, then the output location. A size warning waits for the
     # memory check, which may refuse the size outright.
@@ -222,20 +241,20 @@ def run(argv: list[str]) -> list[Path]:
     count = args.num_images * max(1, len(inputs))
     name = args.prompt or Path(args.image[0]).stem
     check_outputs(args.output, name, seed, count, args.overwrite)
+    loras = choose_loras(lora_options(args.lora), hashes=True, name="--lora")  # load_pipeline checks them
     device, dtype = device_and_dtype(args)
+    load_options = dict(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
+                        low_memory=args.low_memory, force=args.force, loras=[lora.spec for lora in loras])
 
     # Loading reads the configs and maps the weights; nothing is computed before the memory check, which comes
     # before the numbered outputs are listed (an absurd --num-images is refused, not listed).
     if inputs:
         from wurst.api import load_img2img_pipeline
 
-        pipe = load_img2img_pipeline(prior=args.prior, decoder=args.decoder, image_encoder=args.image_encoder,
-                                     device=device, dtype=dtype, low_memory=args.low_memory,
-                                     force=args.force)
+        pipe = load_img2img_pipeline(image_encoder=args.image_encoder, **load_options)
         image_options = {"image": inputs, "strength": 0.8 if args.strength is None else args.strength}
     else:
-        pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=dtype,
-                             low_memory=args.low_memory, force=args.force)
+        pipe = load_pipeline(**load_options)
         image_options = {}
     check_memory(pipe, args, height=args.height, width=args.width, num_images=count)
     paths = output_paths(args.output, name, seed, count)
@@ -252,7 +271,7 @@ def run(argv: list[str]) -> list[Path]:
 
     settings = generation_settings(args, prompt=args.prompt or "", negative_prompt=args.negative_prompt, seed=seed,
                                    height=args.height, width=args.width, num_images=args.num_images,
-                                   device=device, dtype=dtype)
+                                   device=device, dtype=dtype, loras=loras)
     if inputs:
         settings.update(image=" ".join(args.image), strength=image_options["strength"],
                         image_encoder=args.image_encoder or "default")

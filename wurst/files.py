@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -89,9 +90,19 @@ def write_png_atomically(image, path: Path, metadata: dict[str, str]) -> None:
     write_file_atomically(path, png_bytes(image, metadata))
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (a LoRA or a prompts file may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def png_metadata(settings: dict, *, image_index: int, command: list[str]) -> dict[str, str]:
-    """PNG text chunks: each setting, the image's place in its seed's batch, all of it as JSON, and the command."""
-    metadata = {k: str(v) for k, v in settings.items()}
+    """PNG text chunks: each setting (a list or dict as JSON), the image's place in its seed's batch, all of it as
+    JSON, and the command."""
+    metadata = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in settings.items()}
     metadata["image_index"] = str(image_index)  # this image's place in a --num-images batch from that seed
     metadata["wurst"] = json.dumps({**settings, "image_index": image_index})
     metadata["command"] = shlex.join(command)

@@ -25,9 +25,11 @@ from wurst.cli import (
     check_memory,
     device_and_dtype,
     generation_settings,
+    lora_options,
 )
 from wurst.errors import ArgumentError, WurstError
-from wurst.files import png_bytes, png_metadata, write_file_atomically
+from wurst.files import file_sha256, png_bytes, png_metadata, write_file_atomically
+from wurst.weights.lora_refs import ChosenLora, choose_loras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,20 +56,22 @@ class JobRefused(ArgumentError):
     """A refusal of the job itself (its options or prompts file), which every process reaches alike."""
 
 
-def job_settings(args: argparse.Namespace, prompts: Path, device, dtype) -> dict:
-    """What decides the images: not the number of processes, their threads or the memory mode."""
+def job_settings(args: argparse.Namespace, prompts: Path, device, dtype, *, loras: list[ChosenLora]) -> dict:
+    """What decides the images: not the number of processes, their threads or the memory mode. The LoRAs, when
+    there are any, as given, as found and by their files' sha256."""
     import wurst
 
-    return {"prompts_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(), "seed": args.seed,
+    return {"prompts_sha256": file_sha256(prompts), "seed": args.seed,
             "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
             "num_images": args.num_images, "prior_steps": args.prior_steps or "default",
             "decoder_steps": args.decoder_steps, "prior_guidance": args.prior_guidance,
             "decoder_guidance": args.decoder_guidance, "prior": str(args.prior), "decoder": str(args.decoder),
             "device": device.type, "dtype": str(dtype).removeprefix("torch."), "batch_size": args.batch_size,
-            "wurst_version": wurst.__version__}
+            "wurst_version": wurst.__version__, **({"loras": [lora.record() for lora in loras]} if loras else {})}
 
 
-def cli_command(image: PlannedImage, args: argparse.Namespace, device, dtype) -> list[str]:
+def cli_command(image: PlannedImage, args: argparse.Namespace, device, dtype, *,
+                loras: list[ChosenLora]) -> list[str]:
     """The `python -m wurst` command that draws this image (as image `image_index` of its --num-images)."""
     command = ["python", "-m", "wurst", image.prompt, "--seed", str(image.seed), "--height", str(image.height),
                "--width", str(image.width), "--num-images", str(image.drawn_with)]
@@ -78,7 +82,8 @@ def cli_command(image: PlannedImage, args: argparse.Namespace, device, dtype) ->
     return command + ["--decoder-steps", str(args.decoder_steps), "--prior-guidance", str(args.prior_guidance),
                       "--decoder-guidance", str(args.decoder_guidance), "--prior", str(args.prior),
                       "--decoder", str(args.decoder), "--device", device.type,
-                      "--dtype", str(dtype).removeprefix("torch.")]
+                      "--dtype", str(dtype).removeprefix("torch."),
+                      *(part for lora in loras for part in ("--lora", f"{lora.reference}:{lora.weight!r}"))]
 
 
 def generate_group(pipe, group: list[PlannedImage], args: argparse.Namespace, output_type: str = "pil"):
@@ -140,6 +145,7 @@ class Job:
     settings: dict  # job.json
     device: object
     dtype: object
+    loras: list[ChosenLora]  # with their files' sha256
 
 
 def check_job(args: argparse.Namespace) -> Job:
@@ -154,9 +160,11 @@ def check_job(args: argparse.Namespace) -> Job:
         prompts = Path(args.prompts)
         images = read_prompts(prompts, args)
         device, dtype = device_and_dtype(args)
+        loras = choose_loras(lora_options(args.lora), hashes=True, name="--lora")  # load_for checks them
         return Job(args=args, out=Path(args.out), images=images, groups=plan_groups(images, args.batch_size),
-                   settings=job_settings(args, prompts, device, dtype), device=device, dtype=dtype)
-    except ArgumentError as e:
+                   settings=job_settings(args, prompts, device, dtype, loras=loras), device=device, dtype=dtype,
+                   loras=loras)
+    except WurstError as e:
         raise JobRefused(str(e)) from e
 
 
@@ -181,7 +189,7 @@ def load_for(job: Job, pending: list[int], device):
 
     args = job.args
     pipe = load_pipeline(prior=args.prior, decoder=args.decoder, device=device, dtype=job.dtype,
-                         low_memory=args.low_memory, force=args.force)
+                         low_memory=args.low_memory, force=args.force, loras=[lora.spec for lora in job.loras])
     pipe.set_progress_bar_config(disable=True)
     shapes = {(job.groups[n][0].height, job.groups[n][0].width, len(job.groups[n])) for n in pending}
     for height, width, size in sorted(shapes):
@@ -200,9 +208,9 @@ def render(pipe, job: Job, group: list[PlannedImage], journal: Journal) -> None:
     for image, picture in zip(group, pictures, strict=True):
         made_with = generation_settings(args, prompt=image.prompt, negative_prompt=image.negative_prompt,
                                         seed=image.seed, height=image.height, width=image.width,
-                                        num_images=image.drawn_with, device=device, dtype=dtype)
+                                        num_images=image.drawn_with, device=device, dtype=dtype, loras=job.loras)
         data = png_bytes(picture, png_metadata(made_with, image_index=image.image_index,
-                                               command=cli_command(image, args, device, dtype)))
+                                               command=cli_command(image, args, device, dtype, loras=job.loras)))
         name = file_name(image.index, len(job.images))
         write_file_atomically(job.out / name, data)
         journal.append({"index": image.index, "file": name, "sha256": hashlib.sha256(data).hexdigest(),

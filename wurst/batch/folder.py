@@ -4,7 +4,6 @@ done."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import tempfile
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from wurst.batch.plan import PlannedImage
 from wurst.errors import ArgumentError, WurstError
-from wurst.files import write_file_atomically
+from wurst.files import file_sha256, write_file_atomically
 
 JOB, MANIFEST, JOURNALS = "job.json", "manifest.jsonl", ".journal"
 
@@ -43,8 +42,9 @@ def inspect_folder(out: Path, settings: dict) -> None:
         theirs = json.loads(job.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArgumentError(f"{job} is damaged ({e}): use a new --out folder") from e
-    differences = [f"{key} is {theirs.get(key)!r} there, {value!r} here" for key, value in settings.items()
-                   if theirs.get(key) != value]
+    keys = [*settings, *(key for key in theirs if key not in settings)]  # a setting only one of them has counts
+    differences = [f"{key} is {theirs.get(key)!r} there, {settings.get(key)!r} here" for key in keys
+                   if theirs.get(key) != settings.get(key)]
     if differences:
         raise ArgumentError(f"--out {out} holds another job ({JOB}): {'; '.join(differences)}")
 
@@ -73,7 +73,7 @@ def read_records(out: Path) -> dict[int, dict]:
 
 def sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 
