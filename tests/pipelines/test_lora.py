@@ -440,3 +440,24 @@ def test_the_memory_estimate_counts_the_adapters(tiny_prior_repo, tiny_decoder_r
     assert stage_c_weights() - base == 4096
     pipe.fuse_lora()
     assert stage_c_weights() - base == 4096 + 32768
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_save_pretrained_bakes_a_fused_lora(tiny_prior_repo, tmp_path, low_memory, base_embeddings):
+    """Fused, then saved: the saved repository gives the fused pipeline's output, in wurst and in diffusers'
+    component loaders; an unfused adapter is not baked in."""
+    ours = wurst.WuerstchenPriorPipeline.from_pretrained(tiny_prior_repo, low_memory=low_memory)
+    ours.set_progress_bar_config(disable=True)
+    ours.load_lora_weights(make_prior_lora(1, text_encoder=True), adapter_name="a")
+    ours.load_lora_weights(make_prior_lora(2), adapter_name="b")
+    ours.fuse_lora(adapter_names=["a"], lora_scale=0.8)
+    ours.set_adapters("b", 0.5)  # active, not fused: not part of the saved weights
+    ours.save_pretrained(tmp_path / "saved")
+    ours.disable_lora()
+    fused = run_both((ours, ours), **RUN)[0]
+    assert relative_error(fused, base_embeddings) > EFFECT
+    baked = wurst.WuerstchenPriorPipeline.from_pretrained(tmp_path / "saved")
+    baked.set_progress_bar_config(disable=True)
+    assert torch.equal(run_both((baked, baked), **RUN)[0], fused)
+    ref = reference.prior_pipeline(tmp_path / "saved")
+    assert relative_error(run_both((ref, ref), **RUN)[0], fused) <= EMBEDDINGS_TOLERANCE
