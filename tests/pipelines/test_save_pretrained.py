@@ -1,6 +1,7 @@
 """save_pretrained on the documented classes: wurst -> wurst round trips give the same outputs bit for bit (prior,
 decoder, combined and image to image), and a pipeline saves its models' current weights in every memory mode
-(resident, low memory, model and sequential offload), compiled, and with replaced (fused) weights."""
+(resident, low memory, model and sequential offload), compiled, and with replaced weights: fused LoRA adapters are
+saved, unfused ones are not."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import wurst
-from tests.helpers import PROMPT, SMALL, files_in, seeded
+from tests.helpers import PROMPT, SMALL, files_in, make_prior_lora, seeded
 
 PRIOR_RUN = dict(height=256, width=256, num_inference_steps=3, guidance_scale=4.0)
 
@@ -136,3 +137,21 @@ def test_replaced_weights_are_saved_and_unregistered_attributes_are_not(tiny_pri
     back = wurst.WuerstchenPriorPipeline.from_pretrained(tmp_path / "p")
     assert torch.equal(back.prior.blocks[2].q_proj.weight, fused)
     assert sorted(back.prior.state_dict()) == sorted(pipe.prior.state_dict())
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["resident", "low-memory"])
+def test_fused_lora_is_saved_and_unfused_adapters_are_not(low_memory, tiny_prior_repo, tmp_path):
+    base = wurst.WuerstchenPriorPipeline.from_pretrained(tiny_prior_repo)
+    pipe = wurst.WuerstchenPriorPipeline.from_pretrained(tiny_prior_repo, low_memory=low_memory)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(make_prior_lora(3, text_encoder=True))
+    pipe.save_pretrained(tmp_path / "unfused")  # the adapters are no part of the models' weights
+    unfused = wurst.WuerstchenPriorPipeline.from_pretrained(tmp_path / "unfused")
+    assert same_state(unfused.prior, base.prior) and same_state(unfused.text_encoder, base.text_encoder)
+    pipe.fuse_lora()
+    pipe.save_pretrained(tmp_path / "fused")
+    fused = wurst.WuerstchenPriorPipeline.from_pretrained(tmp_path / "fused")
+    fused.set_progress_bar_config(disable=True)
+    assert not same_state(fused.prior, base.prior) and not same_state(fused.text_encoder, base.text_encoder)
+    got, expected = (p(PROMPT, **PRIOR_RUN, generator=seeded()).image_embeddings for p in (fused, pipe))
+    assert torch.equal(got, expected)
