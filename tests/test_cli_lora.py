@@ -242,12 +242,15 @@ def bad_lora_files(folder: Path) -> dict[str, Path]:
     ("no reference", "--lora: an empty reference names no LoRA"),
     ("hub", "the LoRA someone/other (pytorch_lora_weights.safetensors) is not in the Hugging Face cache"),
     ("hub file", "LoRA not found: someone/style/missing.safetensors is no local file"),
+    ("climbing", "LoRA not found: someone/style/../style/pytorch_lora_weights.safetensors (not a file"),
+    ("invalid hub id", "cannot fetch pytorch_lora_weights.safetensors from a--b/c: Cannot have -- or .. in repo_id"),
 ])
 def test_cli_refuses_bad_loras_before_loading(case, culprit, tmp_path, repos, out_dir, capsys, no_loading,
                                               offline_hub):
     paths = {**bad_lora_files(tmp_path / "bad"), "missing": tmp_path / "missing.safetensors"}
     given = {"infinite": f"{paths['nowhere']}:inf", "no reference": ":0.5", "hub": "someone/other",
-             "hub file": "someone/style/missing.safetensors"}.get(case) or str(paths[case])
+             "hub file": "someone/style/missing.safetensors", "invalid hub id": "a--b/c",
+             "climbing": "someone/style/../style/pytorch_lora_weights.safetensors"}.get(case) or str(paths[case])
     code, out, err = run_cli([SHORT_PROMPT, *repos, *ONE_STEP, "--lora", given, "--output", out_dir / "x.png"],
                              capsys)
     assert_one_line_error(code, out, err, culprit.format(**paths), out_dir)

@@ -23,14 +23,14 @@ def cache_root() -> Path:
 
 def _from_hub(fetch: Callable[[], T], *, offline: str, failed: str) -> T:
     """fetch(), its hub errors as one line: `offline` when the file is not cached and the hub cannot be reached,
-    `failed: <the hub's first line>` when the hub answers with an error."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    `failed: <the hub's first line>` when the hub answers with an error or refuses the name (`a--b/c`)."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
         return fetch()
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise ModelNotFoundError(offline) from e
-    except HfHubHTTPError as e:
+    except (HfHubHTTPError, HFValidationError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelNotFoundError(f"{failed}: {first_line}") from e
 

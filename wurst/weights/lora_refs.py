@@ -24,7 +24,8 @@ from wurst.weights.repository import read_repository
 
 # A LoRA as wurst.generate and wurst.load_pipeline take it: a reference (weight 1.0), or (reference, weight).
 LoraSpec = str | os.PathLike | tuple[str | os.PathLike, float]
-HUB_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)/(.+\.safetensors)$")  # user/repo/<file in the repository>
+# user/repo/<file in the repository>: no part of it may start with a dot (no '..' to climb out of the repository).
+HUB_FILE = re.compile(r"^([A-Za-z0-9][\w.-]*/(?!\.)[\w.-]+)/((?:(?!\.)[\w.-]+/)*(?!\.)[\w.-]+\.safetensors)$")
 
 
 @dataclass(frozen=True)
