@@ -316,15 +316,28 @@ def test_batch_refuses_a_bad_lora_before_anything_is_written(tmp_path, prompts, 
         assert_one_line_error(code, out, err, culprit, out_dir, prefix="wurst.batch: error: ")
 
 
+def torchrun_batch(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "wurst.batch", *map(str, args)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_under_torchrun_a_bad_lora_is_one_line(tmp_path, prompts, repos, out_dir):
+    nowhere = bad_lora_files(tmp_path / "bad")["nowhere"]
+    done = torchrun_batch([prompts, "--out", out_dir, *repos, *ONE_STEP, "--lora", nowhere], tmp_path)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("wurst.batch") and "error:" in line]
+    assert errors == [f"wurst.batch: error: {nowhere}: 'prior.blocks.9.attention.to_q.lora_A.weight' names no layer "
+                      "of the prior (Stage C)"], done.stderr
+    assert not out_dir.exists()
+
+
 def test_every_torchrun_worker_loads_the_loras(loras, prompts, repos, tmp_path, capsys, api):
     """Two processes, one image each: both are the API's image with the LoRA, up to the 1/255 that a different
     thread count may round to."""
     out = tmp_path / "out"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "wurst.batch", str(prompts),
-                           "--out", str(out), *repos, *ONE_STEP, "--lora", f"{loras['a']}:0.5"],
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    done = torchrun_batch([prompts, "--out", out, *repos, *ONE_STEP, "--lora", f"{loras['a']}:0.5"], tmp_path)
     assert done.returncode == 0, done.stderr
     for index, prompt in enumerate(["a cat", "a dog"]):
         pixels = np.asarray(Image.open(out / f"{index:06d}.png")).astype(int)

@@ -27,7 +27,8 @@ from wurst import ArgumentError, CheckpointError, ModelNotFoundError
 from wurst.weights import save
 from wurst.weights.configs import read_config
 from wurst.weights.convert import convert
-from wurst.weights.repository import KINDS, card_prior
+from wurst.weights.model_card import card_prior
+from wurst.weights.repository import KINDS
 from wurst.weights.spec import COMPONENTS
 from wurst.weights.tokenizer_files import read_tokenizer
 

@@ -160,7 +160,8 @@ def check_job(args: argparse.Namespace) -> Job:
         prompts = Path(args.prompts)
         images = read_prompts(prompts, args)
         device, dtype = device_and_dtype(args)
-        loras = choose_loras(lora_options(args.lora), hashes=True, name="--lora")  # load_for checks them
+        # Checked against the prior here too, so that under torchrun a bad LoRA is one line (rank 0's), not one a rank.
+        loras = choose_loras(lora_options(args.lora), prior=args.prior, hashes=True, name="--lora")
         return Job(args=args, out=Path(args.out), images=images, groups=plan_groups(images, args.batch_size),
                    settings=job_settings(args, prompts, device, dtype, loras=loras), device=device, dtype=dtype,
                    loras=loras)

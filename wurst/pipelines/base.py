@@ -20,7 +20,8 @@ from wurst.pipelines.callbacks import StepEnd
 from wurst.runtime.devices import parse_device
 from wurst.runtime.offload import OnDemand
 from wurst.runtime.placement import Placement
-from wurst.weights.repository import KINDS, Repository, SchedulerConfig, kept_prior
+from wurst.weights.model_card import kept_prior
+from wurst.weights.repository import KINDS, Repository, SchedulerConfig
 from wurst.weights.save import RepositoryContents, save_repositories
 
 Generator = torch.Generator | Sequence[torch.Generator] | None

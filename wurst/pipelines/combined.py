@@ -21,7 +21,8 @@ from wurst.pipelines.decoder import WuerstchenDecoderPipeline
 from wurst.pipelines.lora import LoraLoaderMixin
 from wurst.pipelines.outputs import ImagePipelineOutput
 from wurst.pipelines.prior import WuerstchenPriorPipeline
-from wurst.weights.repository import SchedulerConfig, prior_of, read_repository
+from wurst.weights.model_card import prior_of
+from wurst.weights.repository import SchedulerConfig, read_repository
 from wurst.weights.save import PRIOR_FOLDER, save_repositories
 
 

@@ -27,13 +27,13 @@ import torch
 from wurst.errors import ArgumentError, CheckpointError
 from wurst.models.tokenizer import CLIPTokenizer
 from wurst.weights.converted import CONVERTED_INDEX, replace_folder, save_weights
+from wurst.weights.model_card import card_text
 from wurst.weights.repository import (
     KINDS,
     MODEL_CARD,
     DecoderPipelineConfig,
     PriorPipelineConfig,
     SchedulerConfig,
-    card_metadata,
     check_variant,
 )
 from wurst.weights.spec import COMPONENTS
@@ -208,19 +208,6 @@ def hub_model_config(component: str, config: Any, *, dtype: torch.dtype) -> dict
         # published prior's says 512; here it is the width).
         return {**fields, "projection_dim": config.hidden_size, "torch_dtype": str(dtype).removeprefix("torch.")}
     return {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **fields}
-
-
-def card_text(old: Path, prior: str) -> str:
-    """A decoder's model card naming `prior`: the card saved over with its `prior:` set, or a new one."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    if old.is_file():
-        card_metadata(old)  # an unreadable front matter is refused, naming the card
-        card = ModelCard(old.read_text(encoding="utf-8"))
-        card.data.prior = [prior]
-        return str(card)
-    data = ModelCardData(prior=[prior], tags=["text-to-image", "wuerstchen"])
-    return f"---\n{data.to_yaml()}\n---\n\nA Würstchen decoder saved by wurst; its prior is `{prior}`.\n"
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
