@@ -461,3 +461,16 @@ def test_save_pretrained_bakes_a_fused_lora(tiny_prior_repo, tmp_path, low_memor
     assert torch.equal(run_both((baked, baked), **RUN)[0], fused)
     ref = reference.prior_pipeline(tmp_path / "saved")
     assert relative_error(run_both((ref, ref), **RUN)[0], fused) <= EMBEDDINGS_TOLERANCE
+
+
+def test_paths_that_look_like_hub_ids_and_names_that_climb_out(pair, tmp_path, monkeypatch):
+    ours, _ = pair
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="LoRA not found: missing/lora.safetensors"):
+        ours.load_lora_weights("missing/lora.safetensors")
+    save_file(make_prior_lora(1), tmp_path / "lora.safetensors")
+    (tmp_path / "folder").mkdir()
+    for name in ("../lora.safetensors", "/etc/passwd", "", ".hidden.safetensors"):
+        with pytest.raises(ArgumentError, match="weight_name must name a file inside"):
+            ours.load_lora_weights(tmp_path / "folder", weight_name=name)
+    assert ours.get_list_adapters() == {}

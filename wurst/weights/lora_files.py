@@ -75,13 +75,21 @@ def _pick_in_folder(folder: Path, weight_name: str | None) -> Path:
     raise ArgumentError(f"{folder} holds several .safetensors files ({names}): pass weight_name= to choose one")
 
 
+def _inside(weight_name: object) -> bool:
+    """A relative path with no part that starts with a dot: it cannot climb out of a folder or a repository."""
+    parts = Path(weight_name).parts if isinstance(weight_name, str) and weight_name else ()
+    return bool(parts) and not Path(weight_name).is_absolute() and not any(p.startswith(".") for p in parts)
+
+
 def find_lora_file(source: str | os.PathLike, weight_name: str | None = None) -> Path:
     """The file of a LoRA given as a file, a folder (its `weight_name`, else diffusers' default name, else its one
     .safetensors file) or a hub id (its `weight_name`, else diffusers' default name, through the Hugging Face cache)."""
+    if weight_name is not None and not _inside(weight_name):
+        raise ArgumentError(f"weight_name must name a file inside the LoRA's folder or repository, got {weight_name!r}")
     path = Path(source).expanduser()
     if path.is_dir():
         path = _pick_in_folder(path, weight_name)
-    elif not path.exists() and HUB_ID.match(str(source)):
+    elif not path.exists() and HUB_ID.match(str(source)) and not path.suffix:  # a missing x/y.safetensors is a path
         name = weight_name or DEFAULT_WEIGHT_NAME
         path = hub_file(str(source), name, offline=f"the LoRA {source} ({name}) is not in the Hugging Face cache and "
                         f"the hub cannot be reached (offline): download it on a connected machine with "
