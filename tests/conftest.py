@@ -30,6 +30,15 @@ def pipe(tiny_prior_repo, tiny_decoder_repo):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def encoder_folder(tmp_path_factory):
+    """A tiny Stage C image encoder (random weights) in a folder of wurst's converted layout."""
+    from tests.support.image_fixtures import tiny_encoder
+    from wurst.weights import image_encoder
+
+    return image_encoder.save_converted(tiny_encoder(), tmp_path_factory.mktemp("encoder"))
+
+
 @pytest.fixture
 def out_dir(tmp_path):
     """An output folder that does not exist yet: a test that writes nothing leaves it absent or empty."""

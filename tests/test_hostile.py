@@ -1,13 +1,17 @@
 """Damaged and hostile inputs through the CLI: integer weights, negative, zero and absurd config values, configs that
-do not match their weights, sizes and image counts that cannot fit in memory, and devices this machine lacks. Each
-ends in one line naming the culprit (a config field and what the file holds, a tensor, the memory needed and what
-would fit, the devices that are there), exit 2, no traceback, no file, within a few seconds (an absurd depth is
-refused from the safetensors header, before any model is built). The refusals of damaged files kept from before
-(truncated, corrupt headers, missing tensors, ...) are in tests/weights/test_repository.py."""
+do not match their weights, config and tokenizer files that are not what they claim (a named pipe, a link to
+/dev/zero, too large, a tokenizer of another model), sizes and image counts that cannot fit in memory, seeds out of
+range, and devices this machine lacks. Each ends in one line naming the culprit (a config field and what the file
+holds, a tensor, the memory needed and what would fit, the devices that are there), exit 2, no traceback, no file,
+within a few seconds (an absurd depth is refused from the safetensors header, before any model is built). The
+refusals of damaged files kept from before (truncated, corrupt headers, missing tensors, ...) are in
+tests/weights/test_repository.py; the other surfaces' hostile inputs in tests/test_hostile_images.py,
+test_hostile_prompts.py, test_hostile_job_folders.py, test_hostile_safetensors.py and test_hostile_converter.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,10 +20,20 @@ import pytest
 import torch
 
 import wurst
-from tests.helpers import ONE_STEP, SHORT_PROMPT, WEIGHTS, assert_one_line_error, edit_weights, run_cli, run_module
+from tests.helpers import (
+    ONE_STEP,
+    SHORT_PROMPT,
+    WEIGHTS,
+    assert_one_line_error,
+    edit_weights,
+    fingerprint,
+    run_cli,
+    run_module,
+)
 from tools import convert_weights
-from wurst import CheckpointError, ConfigError
+from wurst import ArgumentError, CheckpointError, ConfigError
 from wurst.weights.configs import read_config
+from wurst.weights.image_encoder import load_image_encoder
 from wurst.weights.keymaps import CLIP_TEXT_KEYS
 from wurst.weights.load import load_module
 from wurst.weights.safetensors_io import read_weights
@@ -195,7 +209,118 @@ def test_absurd_depth_and_integer_weights_in_a_real_process(case, tmp_path, tiny
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sizes and image counts past the memory there is, and devices that are not there
+# The loader's trust boundary: config and tokenizer files that are not what they claim. Each case runs in a fresh
+# process whose address space is capped (tests.helpers.run_module), so that where these checks are missing, a
+# hang fails the test at its time guard and reading /dev/zero fails it at once.
+
+
+def replaced(relative: str, kind: str):
+    """A damage: a file of the repository replaced by a named pipe or a link to /dev/zero, or (kind "padded")
+    followed by 17 MiB of spaces, valid JSON still and more than any such file holds."""
+
+    def damage(repo: Path) -> Path:
+        path = repo / relative
+        if kind == "padded":
+            with open(path, "a") as f:
+                f.write(" " * 17 * 2**20)
+            return path
+        path.unlink(missing_ok=True)  # the decoder's tokenizer has no tokenizer.json, which takes precedence
+        if kind == "pipe":
+            os.mkfifo(path)
+        else:
+            path.symlink_to("/dev/zero")
+        return path
+
+    return damage
+
+
+def tokenizer_of(model):
+    """A damage: tokenizer/tokenizer.json of another kind of model, which takes precedence over vocab.json."""
+
+    def damage(repo: Path) -> Path:
+        from tokenizers import Tokenizer, pre_tokenizers
+
+        tokenizer = Tokenizer(model())
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.save(str(repo / "tokenizer" / "tokenizer.json"))
+        return repo / "tokenizer" / "tokenizer.json"
+
+    return damage
+
+
+def word_level():
+    from tokenizers.models import WordLevel
+
+    return WordLevel({"a": 0, "cat": 1}, unk_token=None)  # fails on the first word it lacks
+
+
+def unigram():
+    from tokenizers.models import Unigram
+
+    return Unigram([("<unk>", 0.0), ("a", -1.0), ("cat", -2.0)], 0)
+
+
+# case: (repository, damage, the text the one error line must hold; {path} is the damaged file)
+UNREADABLE = {
+    "config-a-link-to-dev-zero": ("prior", replaced("prior/config.json", "zero"),
+                                  "{path} cannot be read: not a regular file (a character device)"),
+    "config-a-named-pipe": ("decoder", replaced("vqgan/config.json", "pipe"),
+                            "{path} cannot be read: not a regular file (a named pipe)"),
+    "config-past-the-limit": ("prior", replaced("text_encoder/config.json", "padded"),
+                              "{path} cannot be read: larger than 16 MiB"),
+    "model-index-a-named-pipe": ("prior", replaced("model_index.json", "pipe"), "{path} cannot be read: not a regular"),
+    "scheduler-config-a-link-to-dev-zero": ("decoder", replaced("scheduler/scheduler_config.json", "zero"),
+                                            "{path} cannot be read: not a regular file (a character device)"),
+    "tokenizer-config-a-named-pipe": ("prior", replaced("tokenizer/tokenizer_config.json", "pipe"),
+                                      "{path} cannot be read: not a regular file (a named pipe)"),
+    "vocabulary-past-the-limit": ("decoder", replaced("tokenizer/vocab.json", "padded"),
+                                  "{path} cannot be read: larger than 16 MiB"),
+    "merges-a-link-to-dev-zero": ("decoder", replaced("tokenizer/merges.txt", "zero"),
+                                  "{path} cannot be read: not a regular file (a character device)"),
+    "tokenizer-json-a-named-pipe": ("decoder", replaced("tokenizer/tokenizer.json", "pipe"),
+                                    "{path} cannot be read: not a regular file (a named pipe)"),
+    "tokenizer-json-word-level": ("prior", tokenizer_of(word_level),
+                                  "{path} holds a WordLevel tokenizer, not CLIP's BPE: it belongs to another model"),
+    "tokenizer-json-unigram": ("decoder", tokenizer_of(unigram), "{path} holds a Unigram tokenizer, not CLIP's BPE"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_cli_refuses_unreadable_configs_and_foreign_tokenizers(case, tmp_path, tiny_prior_repo, tiny_decoder_repo,
+                                                               out_dir):
+    kind, damage, template = UNREADABLE[case]
+    repos = {"prior": tiny_prior_repo, "decoder": tiny_decoder_repo}
+    repos[kind] = tmp_path / "hostile" / repos[kind].name
+    shutil.copytree({"prior": tiny_prior_repo, "decoder": tiny_decoder_repo}[kind], repos[kind])
+    path = damage(repos[kind])
+    before = fingerprint(tmp_path / "hostile")
+    result = run_module(["-m", "wurst", SHORT_PROMPT, *ONE_STEP, "--prior", repos["prior"], "--decoder",
+                         repos["decoder"], "--output", out_dir / "x.png"], timeout=60, memory=4 * 2**30)
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, template.format(path=path), out_dir)
+    assert fingerprint(tmp_path / "hostile") == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sizes and image counts past the memory there is, seeds out of range, and devices that are not there
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**63, -1])
+def test_cli_seeds_are_bounded_as_batch_seeds_are(seed, tiny_prior_repo, tiny_decoder_repo, out_dir, capsys):
+    start = time.perf_counter()
+    code, out, err = run_cli([SHORT_PROMPT, *ONE_STEP, "--seed", str(seed), "--prior", tiny_prior_repo,
+                              "--decoder", tiny_decoder_repo, "--output", out_dir / "x.png"], capsys)
+    assert_one_line_error(code, out, err, f"--seed must be at least 0 and below 2**63, got {seed}", out_dir)
+    assert time.perf_counter() - start < SECONDS
+
+
+def test_model_loaders_refuse_a_second_cpu(tiny_prior_repo, tiny_decoder_repo, encoder_folder):
+    """torch copies to cpu:1 as to the CPU; like the pipelines, the load functions take only devices that exist."""
+    loads = [lambda: wurst.load_stage_c(tiny_prior_repo / "prior", device="cpu:1"),
+             lambda: wurst.load_clip_text_encoder(tiny_decoder_repo / "text_encoder", torch.float32, "cpu:1"),
+             lambda: load_image_encoder(encoder_folder, device=torch.device("cpu", 1))]
+    for load in loads:
+        with pytest.raises(ArgumentError, match=r"^device .cpu:1. is not on this machine; devices here: cpu"):
+            load()
 
 MEMORY = {
     "size-far-past-2048": (["--height", "65536", "--width", "65536"], "65536x65536 needs about"),

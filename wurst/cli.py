@@ -93,11 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_generation_options(args: argparse.Namespace) -> None:
-    """The cheap checks of add_generation_options' values, under the options' names."""
+    """The cheap checks of add_generation_options' values (and of the prompt, where there is one), under the
+    options' names."""
     from wurst.pipelines import checks
 
     checks.check_size("--height", args.height), checks.check_size("--width", args.width)
     checks.check_count("--num-images", args.num_images)
+    if args.seed is not None:
+        checks.check_seed("--seed", args.seed)
+    for name, text in (("prompt", getattr(args, "prompt", None)), ("--negative-prompt", args.negative_prompt)):
+        if text is not None:
+            checks.as_prompt_list(text, name)
     checks.check_guidance("--prior-guidance", args.prior_guidance)
     checks.check_guidance("--decoder-guidance", args.decoder_guidance)
     for name, steps in (("--prior-steps", args.prior_steps), ("--decoder-steps", args.decoder_steps)):

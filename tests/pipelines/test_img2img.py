@@ -237,11 +237,6 @@ def test_missing_encoder_weights_are_named_before_the_models_load(no_encoder_any
 # The command line
 
 
-@pytest.fixture(scope="module")
-def encoder_folder(tmp_path_factory):
-    return image_encoder.save_converted(tiny_encoder(), tmp_path_factory.mktemp("encoder"))
-
-
 def cli_args(tiny_prior_repo, tiny_decoder_repo, encoder_folder, *extra):
     return ["--prior", tiny_prior_repo, "--decoder", tiny_decoder_repo, "--image-encoder", encoder_folder,
             "--height", "128", "--width", "128", "--prior-steps", "4", "--decoder-steps", "2", *extra]

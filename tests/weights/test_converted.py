@@ -17,11 +17,6 @@ from wurst.weights.repository import read_repository
 
 
 @pytest.fixture(scope="module")
-def encoder_folder(tmp_path_factory):
-    return image_encoder.save_converted(tiny_encoder(), tmp_path_factory.mktemp("encoder"))
-
-
-@pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_prior_repo, tiny_decoder_repo, encoder_folder):
     out = tmp_path_factory.mktemp("converted")
     convert(out, prior=str(tiny_prior_repo), decoder=str(tiny_decoder_repo), image_encoder=str(encoder_folder))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wurst.batch.folder import JOURNALS, MANIFEST, Journal, complete, file_name, finish, inspect_folder, start_folder
-from wurst.batch.plan import SEEDS, PlannedImage, plan_groups, read_prompts
+from wurst.batch.plan import PlannedImage, plan_groups, read_prompts
 from wurst.batch.progress import Progress
 from wurst.cli import (
     EXIT_ERROR,
@@ -155,8 +155,6 @@ def check_job(args: argparse.Namespace) -> Job:
     try:
         check_generation_options(args)
         checks.check_count("--batch-size", args.batch_size)
-        if not 0 <= args.seed < SEEDS:
-            raise ArgumentError(f"--seed must be at least 0 and below 2**63, got {args.seed}")
         prompts = Path(args.prompts)
         images = read_prompts(prompts, args)
         device, dtype = device_and_dtype(args)

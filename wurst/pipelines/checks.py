@@ -15,6 +15,10 @@ from wurst.sampler import make_timesteps
 SIZE_MULTIPLE = 128  # what both U-Nets' resampling needs of an image side
 LARGEST_TRAINED = 2048
 OUTPUT_TYPES = ("pil", "np", "pt")
+SEEDS = 2**63  # seeds are 0 <= seed < 2**63, so that a batch's BASE + k stays a valid torch seed (< 2**64)
+# CLIP reads 77 tokens, a few hundred characters; a prompt far longer is refused before the tokenizer sees it
+# (100 MB of text exhausts its memory and aborts the process).
+MAX_PROMPT_CHARACTERS = 10_000
 
 
 class LargeSizeWarning(UserWarning):
@@ -42,6 +46,12 @@ def check_count(name: str, value: int) -> int:
     return value
 
 
+def check_seed(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEEDS:
+        raise ArgumentError(f"{name} must be at least 0 and below 2**63, got {value!r}")
+    return value
+
+
 def check_guidance(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -61,11 +71,19 @@ def check_output_type(value: str, allowed: Sequence[str] = OUTPUT_TYPES) -> str:
 
 
 def as_prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
+    """The prompts as a list, each at most MAX_PROMPT_CHARACTERS long."""
     if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise ArgumentError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+        prompts = [prompt]
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ArgumentError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    for i, text in enumerate(prompts):
+        if len(text) > MAX_PROMPT_CHARACTERS:
+            which = name if isinstance(prompt, str) else f"{name}[{i}]"
+            raise ArgumentError(f"{which} is {len(text)} characters, over the limit of {MAX_PROMPT_CHARACTERS} (CLIP "
+                                "reads the first 77 tokens, a few hundred characters)")
+    return prompts
 
 
 def negative_prompts(negative_prompt: str | Sequence[str] | None, count: int) -> list[str]:

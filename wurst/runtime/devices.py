@@ -10,15 +10,16 @@ from wurst.errors import ArgumentError
 def parse_device(device: torch.device | str | int, argument: str = "device", allow_meta: bool = True) -> torch.device:
     """A device torch knows and this machine has; otherwise one line naming the devices that are there. The meta
     device (no data: it stands in for an accelerator in tests) only where `allow_meta`."""
+    shown = repr(str(device) if isinstance(device, torch.device) else device)  # 'cuda:1', not device(type=...)
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ArgumentError(f"{argument} {device!r} is not a device torch knows; {available_devices()}") from e
+        raise ArgumentError(f"{argument} {shown} is not a device torch knows; {available_devices()}") from e
     if parsed.type == "meta" and allow_meta:
         return parsed
     count = device_counts().get(parsed.type, 0)
     if count == 0 or (parsed.index or 0) >= count:
-        raise ArgumentError(f"{argument} {device!r} is not on this machine; {available_devices()}")
+        raise ArgumentError(f"{argument} {shown} is not on this machine; {available_devices()}")
     return parsed
 
 

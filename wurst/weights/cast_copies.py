@@ -11,7 +11,7 @@ import torch
 from wurst.errors import CheckpointError
 from wurst.files import atomic_file
 from wurst.weights.hub import cache_root
-from wurst.weights.safetensors_io import header_entries, open_header, read_header, read_safetensors, write_safetensors
+from wurst.weights.safetensors_io import open_weights, read_header, read_safetensors, write_safetensors
 
 # Casting a billion float32 weights to bfloat16 on every load costs seconds per model (22 s for a whole
 # pipeline on a 2-core machine, against under 2 s to map it). So the first load in a dtype other than the
@@ -37,10 +37,9 @@ def _copy_is_current(copy: Path, source: Path, source_header: dict, dtype: torch
     """The copy exists, is whole, carries the source's stamp and holds every tensor of the source (whose
     read_header is `source_header`), cast."""
     try:
-        with open(copy, "rb") as f:
-            header, data_start, size = open_header(copy, f)
-            entries = header_entries(copy, header, data_start, size)
-    except (OSError, CheckpointError):
+        with open_weights(copy) as (_, header, entries):
+            pass
+    except (OSError, CheckpointError):  # missing (ModelNotFoundError is an OSError), damaged, or not a file
         return False
     if header.get("__metadata__", {}) != {"format": "pt", **_stamp(source)} or entries.keys() != source_header.keys():
         return False

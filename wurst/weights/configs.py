@@ -10,15 +10,32 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wurst.errors import ConfigError, ModelNotFoundError
+from wurst.files import read_bounded
 
 ConfigT = TypeVar("ConfigT")
 
 
-def read_json(path: Path) -> dict[str, Any]:
+# The most a config, tokenizer or index file of a model may hold (CLIP's tokenizer.json is 2.2 MB), so that a
+# damaged one, or a link to /dev/zero, is refused before it is read.
+JSON_LIMIT = 16 * 2**20
+
+
+def read_text(path: Path, limit: int = JSON_LIMIT) -> str:
+    """The UTF-8 text of `path`, a regular file of at most `limit` bytes (wurst.files.read_bounded); anything else
+    is one line naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_bounded(path, limit).decode("utf-8")
     except FileNotFoundError as e:
         raise ModelNotFoundError(f"missing file: {path}") from e
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})") from e
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` (see read_text)."""
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

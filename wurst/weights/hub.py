@@ -21,6 +21,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("WURST_CACHE", Path.home() / ".cache" / "wurst"))
 
 
+def inside_repository(path: Path, folder: Path) -> bool:
+    """Whether `path` lies inside the repository folder `folder` once symlinks are resolved, as every file a
+    repository names must: inside `folder` itself or, where `folder` is in a snapshot of the Hugging Face cache
+    (models--ORG--NAME/snapshots/REVISION/...), inside that repository's blobs/, which the snapshot's files link
+    to."""
+    target, folder = Path(path).resolve(), Path(folder).absolute()
+    roots = [folder.resolve()]
+    snapshot = next((p for p in (folder, *folder.parents) if p.parent.name == "snapshots"), None)
+    if snapshot is not None and (snapshot.parent.parent / "blobs").is_dir():
+        roots.append((snapshot.parent.parent / "blobs").resolve())
+    return any(target.is_relative_to(root) for root in roots)
+
+
 def _from_hub(fetch: Callable[[], T], *, offline: str, failed: str) -> T:
     """fetch(), its hub errors as one line: `offline` when the file is not cached and the hub cannot be reached,
     `failed: <the hub's first line>` when the hub answers with an error or refuses the name (`a--b/c`)."""

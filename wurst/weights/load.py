@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from wurst.errors import CheckpointError
+from wurst.runtime.devices import parse_device
 from wurst.weights.keymaps import KeyMap
 
 
@@ -75,8 +76,10 @@ def load_module(
     """Build a module on the meta device and assign it the checkpoint tensors in `state`.
 
     Floating tensors are cast to `dtype` (when given) one at a time, then moved to `device`. Missing,
-    unexpected, mis-shaped and wrongly typed tensors raise CheckpointError naming them as the file does.
+    unexpected, mis-shaped and wrongly typed tensors raise CheckpointError naming them as the file does. A device
+    this machine lacks (cuda:3 on one GPU, cpu:1, to which torch would copy as to the CPU) is refused first.
     """
+    device = parse_device(device) if device is not None else None
     with torch.device("meta"):
         module = build()
     expected = dict(module.state_dict(keep_vars=True))

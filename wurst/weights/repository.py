@@ -140,7 +140,7 @@ def read_hub(folder: Path, kind: str, variant: str | None = None) -> Repository:
         folder=folder,
         kind=kind,
         pipeline_config=config_from_dict(spec.config_cls, index, str(folder / "model_index.json")),
-        scheduler=read_config(SchedulerConfig, scheduler_path) if scheduler_path.is_file() else SchedulerConfig(),
+        scheduler=read_config(SchedulerConfig, scheduler_path) if scheduler_path.exists() else SchedulerConfig(),
         tokenizer=tokenizer,
         configs=configs,
         files=files,
@@ -214,7 +214,7 @@ def check_repo(folder: Path, kind: str, folders: list[str]) -> dict:
     its model_index.json."""
     expected = KINDS[kind].pipeline_class
     index_path = folder / "model_index.json"
-    if not index_path.is_file():
+    if not index_path.exists():  # a pipe or a device there is refused by read_json, not taken for none
         raise ModelNotFoundError(f"{folder} is not a Würstchen {kind} repository in hub layout: no model_index.json")
     index = read_json(index_path)
     found = index.get("_class_name")

@@ -12,7 +12,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from wurst.errors import ConfigError, ModelNotFoundError
 from wurst.models.tokenizer import BOS, DEFAULT_MAX_LENGTH, EOS, CLIPTokenizer, clip_bpe
-from wurst.weights.configs import read_json
+from wurst.weights.configs import read_json, read_text
 
 
 def _token_text(value: object) -> str | None:
@@ -23,10 +23,7 @@ def _token_text(value: object) -> str | None:
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as e:
-        raise ModelNotFoundError(f"missing file: {path}") from e
+    lines = read_text(path).splitlines()
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     if any(len(m) != 2 for m in merges):
         raise ConfigError(f"{path} is malformed: every line must hold two symbols")
@@ -41,7 +38,7 @@ def read_tokenizer(folder: str | Path) -> CLIPTokenizer:
         raise ModelNotFoundError(f"tokenizer folder not found: {folder}")
     settings: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
-        if (folder / name).is_file():
+        if (folder / name).exists():  # a pipe or a device there is refused by read_json, not skipped
             settings.update(read_json(folder / name))
     pad = _token_text(settings.get("pad_token")) or EOS
     unk = _token_text(settings.get("unk_token")) or EOS
@@ -50,19 +47,34 @@ def read_tokenizer(folder: str | Path) -> CLIPTokenizer:
     max_length = settings.get("model_max_length")
     if not isinstance(max_length, int) or not 0 < max_length <= 4096:  # absent, or transformers' 1e30
         max_length = DEFAULT_MAX_LENGTH
-    if (folder / "tokenizer.json").is_file():
+    source = folder / "tokenizer.json"
+    if source.exists():
         try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tokenizer = Tokenizer.from_str(read_text(source))
         except Exception as e:  # the tokenizers library raises a bare Exception on bad files
-            raise ConfigError(f"{folder / 'tokenizer.json'} cannot be read: {e}") from e
-    elif (folder / "vocab.json").is_file():
-        tokenizer = clip_bpe(read_json(folder / "vocab.json"), _read_merges(folder / "merges.txt"), unk)
+            raise ConfigError(f"{source} cannot be read: {e}") from e
+    elif (folder / "vocab.json").exists():
+        source = folder / "vocab.json"
+        tokenizer = clip_bpe(read_json(source), _read_merges(folder / "merges.txt"), unk)
     else:
         raise ModelNotFoundError(f"{folder} holds neither tokenizer.json nor vocab.json + merges.txt")
     # transformers matches every configured special token whole, before BPE (so with pad "!", "!!!" is
     # three pad-token ids, not one "!!!" merge); do the same.
     tokenizer.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys((bos, eos, unk, pad))])
+    check_tokenizes(tokenizer, source)
     return CLIPTokenizer(tokenizer, pad, max_length)
+
+
+def check_tokenizes(tokenizer: Tokenizer, source: Path) -> None:
+    """A tokenizer of another kind (WordPiece, Unigram, WordLevel) loads, then fails or gives ids the text encoder
+    was not trained on: refuse it now, and any that cannot tokenize a prompt, rather than at the first prompt."""
+    kind = type(tokenizer.model).__name__
+    if kind != "BPE":
+        raise ConfigError(f"{source} holds a {kind} tokenizer, not CLIP's BPE: it belongs to another model")
+    try:
+        tokenizer.encode("A photo of 2 cats, 猫 & ✓!")
+    except Exception as e:  # the tokenizers library's errors are bare Exceptions
+        raise ConfigError(f"{source} cannot tokenize a prompt ({str(e).splitlines()[0] if str(e) else e!r})") from e
 
 
 def write_tokenizer(folder: str | Path, tokenizer: CLIPTokenizer) -> None:
