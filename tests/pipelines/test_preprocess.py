@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tests.support.image_fixtures import photo, write_png16
@@ -100,6 +101,22 @@ def test_resize_covers_the_target_and_keeps_the_center():
     assert torch.allclose(one, torch.tensor([0.2, 0.4, 0.6]).view(3, 1, 1).expand(3, 32, 64))
     same = torch.rand(3, 64, 96)
     assert torch.equal(preprocess.resize_and_crop(same, 64, 96), same)
+
+
+@pytest.mark.parametrize("target", [(768, 768), (96, 96), (768, 1152), (384, 96)])
+def test_images_are_scaled_whole_then_cut_bit_for_bit_as_before(target):
+    """Only strips (tests/test_hostile_images.py) have their center cut out before they are scaled; every image of
+    an ordinary aspect is scaled whole to cover the target and then cut, exactly as F.interpolate gives it."""
+    height, width = target
+    generator = torch.Generator().manual_seed(0)
+    for h, w in [(480, 640), (1080, 1920), (37, 101), (300, 1200), (1200, 300), (100, 401), (768, 768)]:
+        x = torch.rand(3, h, w, generator=generator)
+        scale = max(height / h, width / w)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+        whole = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        expected = (whole if size != (h, w) else x)[:, top : top + height, left : left + width].clamp(0, 1)
+        assert torch.equal(preprocess.resize_and_crop(x, height, width), expected), (h, w)
 
 
 def test_normalisation_is_imagenets():

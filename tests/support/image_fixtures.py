@@ -115,19 +115,30 @@ def save_stage_b_release(original: OriginalEncoder, path: Path) -> Path:
     return path
 
 
-def write_png16(path: Path, array: np.ndarray) -> Path:
-    """A 16-bit PNG (Pillow writes none but grayscale): (H, W, C) uint16, C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA."""
-    h, w, c = array.shape
-    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+def write_png(path: Path, width: int, height: int, depth: int, color_type: int, rows: bytes) -> Path:
+    """A PNG written chunk by chunk: its header says `width` x `height`, whatever `rows` (filter bytes and pixels,
+    compressed here) hold."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
                      + chunk(b"IEND", b""))
     return path
+
+
+def write_png16(path: Path, array: np.ndarray) -> Path:
+    """A 16-bit PNG (Pillow writes none but grayscale): (H, W, C) uint16, C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA."""
+    h, w, c = array.shape
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))
+    return write_png(path, w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], rows)
+
+
+def decompression_bomb(path: Path, width: int, height: int) -> Path:
+    """An 8-bit RGB PNG whose header claims `width` x `height` pixels, and whose data holds a few: all that a
+    decompression bomb needs to be refused from its header."""
+    return write_png(path, width, height, 8, 2, bytes(64))
 
 
 def photo(height: int = 96, width: int = 128, seed: int = 0) -> np.ndarray:

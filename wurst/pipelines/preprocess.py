@@ -13,6 +13,7 @@ of any of these.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,27 +23,47 @@ import torch
 import torch.nn.functional as F
 
 from wurst.errors import ArgumentError
+from wurst.files import NotRegularFileError, open_regular
 
+# Images are scaled to cover their target before its center is cut out. Where that would take more than
+# COVER_LIMIT times the target's pixels and more than COVER_PIXELS (an aspect ratio over 4:1 against the target's,
+# and over 200 MB of float pixels), the center is cut out first (see resize_and_crop).
+COVER_LIMIT, COVER_PIXELS = 4, 2**24
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's 16-bit grayscale PNG modes
 
 
 def open_image(path: str | os.PathLike):
-    """A PIL image read from `path`, fully decoded now, so that a damaged file fails here with one line."""
+    """A PIL image read from `path`, fully decoded now, so that a damaged file fails here with one line. It must be a
+    regular file (a named pipe would block, a device never end), and its size, read from its header, at most
+    Pillow's MAX_IMAGE_PIXELS (about 89 million pixels) before anything is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        with open_regular(path) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            with Image.open(f) as image:
+                limit = Image.MAX_IMAGE_PIXELS  # None: the user lifted Pillow's limit
+                if limit and image.width * image.height > limit:
+                    raise ArgumentError(f"image {path} is {image.width}x{image.height} pixels, over the limit of "
+                                        f"{limit} (PIL.Image.MAX_IMAGE_PIXELS)")
+                image.load()
+                return image
+    except ArgumentError:
+        raise
     except FileNotFoundError as e:
         raise ArgumentError(f"image {path} does not exist") from e
     except IsADirectoryError as e:
         raise ArgumentError(f"image {path} is a directory, not an image file") from e
+    except NotRegularFileError as e:
+        raise ArgumentError(f"image {path} is {e.strerror}") from e
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses it on opening
+        raise ArgumentError(f"image {path} is over the limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                            f"(PIL.Image.MAX_IMAGE_PIXELS): {e}") from e
     except UnidentifiedImageError as e:
         raise ArgumentError(f"image {path} is not an image Pillow can read") from e
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, decompression bombs
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
         raise ArgumentError(f"image {path} cannot be read ({str(e).splitlines()[0] if str(e) else e!r})") from e
 
 
@@ -132,10 +153,19 @@ def to_tensor(image: Any, name: str = "image") -> torch.Tensor:
 
 def resize_and_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(3, H, W) -> (3, height, width): scaled (bilinear, antialiased when shrinking) until it covers the
-    target, then the center cut out."""
+    target, then the center cut out.
+
+    Where covering would take more than COVER_LIMIT times the target's pixels and more than COVER_PIXELS (a
+    20000x1 strip scaled to cover 768x768 is 768x15360000, 141 GB), the center of the target's aspect is cut out
+    of the source first, in its own pixels, and scaled to the target: the same view to within a source pixel, in
+    the memory of the source and the target."""
     h, w = x.shape[-2:]
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    if new_h * new_w > max(COVER_LIMIT * height * width, COVER_PIXELS):
+        keep_h, keep_w = min(h, max(1, round(w * height / width))), min(w, max(1, round(h * width / height)))
+        top, left = (h - keep_h) // 2, (w - keep_w) // 2
+        x, h, w, new_h, new_w = x[:, top : top + keep_h, left : left + keep_w], keep_h, keep_w, height, width
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
     top, left = (new_h - height) // 2, (new_w - width) // 2
