@@ -213,6 +213,36 @@ def test_generate_applies_exactly_the_loras_of_each_call(loras, api, tiny_prior_
     wurst.generate.cache_clear()
 
 
+def test_image_to_image_takes_the_loras(loras, api, repos, encoder_folder, tmp_path, capsys):
+    from tests.support.image_fixtures import photo
+    from wurst.weights import image_encoder
+
+    source = tmp_path / "fox.png"
+    Image.fromarray(photo(96, 128)).save(source)
+    target = tmp_path / "fox-out.png"
+    code, out, err = run_cli([SHORT_PROMPT, "--image", source, *repos, *ONE_STEP, "--image-encoder", encoder_folder,
+                              "--seed", SEED, "--lora", f"{loras['a']}:0.5", "--output", target], capsys)
+    assert code == 0, err
+    pipe = wurst.WuerstchenImg2ImgPipeline.from_pipes(api.prior_pipe, api.decoder_pipe,
+                                                      image_encoder.load_converted(encoder_folder))
+
+    def drawn() -> np.ndarray:
+        return np.asarray(pipe(SHORT_PROMPT, image=str(source), strength=0.8, height=128, width=128,
+                               prior_num_inference_steps=1, num_inference_steps=1,
+                               generator=torch.Generator("cpu").manual_seed(SEED)).images[0])
+
+    base = drawn()
+    pipe.load_lora_weights(loras["a"], adapter_name="style")
+    pipe.set_adapters(["style"], [0.5])
+    try:
+        pixels = np.asarray(Image.open(target))
+        assert np.array_equal(pixels, drawn())
+        assert np.abs(pixels.astype(int) - base).max() > 20
+    finally:
+        pipe.unload_lora_weights()
+    assert json.loads(Image.open(target).text["loras"])[0]["sha256"] == sha256(loras["a"])
+
+
 @pytest.fixture
 def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
