@@ -11,7 +11,8 @@ from pathlib import Path
 
 from wurst.batch.plan import PlannedImage
 from wurst.errors import ArgumentError, WurstError
-from wurst.files import file_sha256, write_file_atomically
+from wurst.files import file_sha256, open_regular, write_file_atomically
+from wurst.weights.configs import read_json
 
 JOB, MANIFEST, JOURNALS = "job.json", "manifest.jsonl", ".journal"
 
@@ -39,9 +40,9 @@ def inspect_folder(out: Path, settings: dict) -> None:
             raise ArgumentError(f"--out {out} holds other files ({others[0]}, ...) and no {JOB}: use a new folder")
         return
     try:
-        theirs = json.loads(job.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArgumentError(f"{job} is damaged ({e}): use a new --out folder") from e
+        theirs = read_json(job)  # an object, from a regular file of bounded size
+    except WurstError as e:
+        raise ArgumentError(f"{e}: use a new --out folder") from e
     keys = [*settings, *(key for key in theirs if key not in settings)]  # a setting only one of them has counts
     differences = [f"{key} is {theirs.get(key)!r} there, {settings.get(key)!r} here" for key in keys
                    if theirs.get(key) != settings.get(key)]
@@ -57,12 +58,15 @@ def start_folder(out: Path, settings: dict) -> None:
 
 
 def read_records(out: Path) -> dict[int, dict]:
-    """The records of the manifest and the journals by index. A line cut short by a kill is no record."""
+    """The records of the manifest and the journals by index. A line cut short by a kill is no record; a pipe or
+    a device in place of one of these files is refused (NotRegularFileError)."""
     records = {}
     for path in [out / MANIFEST, *sorted((out / JOURNALS).glob("rank-*.jsonl"))]:
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with open_regular(path) as f:  # records end at \n alone: a prompt may hold U+2028, which splitlines splits at
+            lines = f.read().decode("utf-8", errors="replace").split("\n")
+        for line in lines:
             try:
                 record = json.loads(line)
                 records[int(record["index"])] = record

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from wurst.errors import ArgumentError
+from wurst.files import open_regular
 
 LINE_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "num_images")
-
-
-SEEDS = 2**63  # seeds are 0 <= seed < 2**63, so that BASE + k stays a valid torch seed (< 2**64)
+# The prompts file is read a line at a time and each line is checked before it is parsed: a line may hold at most
+# LINE_LIMIT characters (room for a prompt and a negative prompt at their limit, JSON-escaped), and a job at most
+# MAX_IMAGES images (its plan is held in memory; split a larger job into several).
+LINE_LIMIT, MAX_IMAGES = 2**18, 10**6
 
 
 @dataclass(frozen=True)
@@ -29,31 +32,48 @@ class PlannedImage:
 
 
 def read_prompts(path: Path, args: argparse.Namespace) -> list[PlannedImage]:
-    """Every image of the job, or one line naming the file and line that is wrong."""
+    """Every image of the job, or one line naming the file and line that is wrong. The file must be a regular file
+    of UTF-8 text; a byte-order mark at its start is skipped (as utf-8-sig reads it). Lines end at \\n, \\r\\n or
+    \\r, and nowhere else (str.splitlines would also split a prompt at U+2028 or a form feed)."""
+    images: list[PlannedImage] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path) as raw_file, io.TextIOWrapper(raw_file, encoding="utf-8-sig") as f:
+            number = 0
+            while raw := f.readline(LINE_LIMIT + 1):
+                number += 1
+                raw = raw.removesuffix("\n")
+                if len(raw) > LINE_LIMIT:
+                    raise ArgumentError(f"{path}:{number}: the line is over {LINE_LIMIT} characters long")
+                if raw.strip():
+                    images += planned_images(raw, f"{path}:{number}", number, path.suffix, len(images), args)
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise ArgumentError(f"cannot read the prompts file {path}: {reason}") from e
-    images: list[PlannedImage] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{number}"
-        line = parse_json_line(raw, where) if path.suffix == ".jsonl" else {"prompt": raw.strip()}
-        count = checked(where, "num_images", line.get("num_images", args.num_images), int, 1)
-        height = checked(where, "height", line.get("height", args.height), int)
-        width = checked(where, "width", line.get("width", args.width), int)
-        negative = checked(where, "negative_prompt", line.get("negative_prompt", args.negative_prompt), str)
-        own_seed = checked(where, "seed", line.get("seed"), int, 0)
-        for j in range(count):
-            k = len(images)
-            if own_seed is None:
-                images.append(PlannedImage(k, number, line["prompt"], negative, args.seed + k, 0, 1, height, width))
-            else:
-                images.append(PlannedImage(k, number, line["prompt"], negative, own_seed, j, count, height, width))
     if not images:
         raise ArgumentError(f"the prompts file {path} holds no prompts")
+    return images
+
+
+def planned_images(raw: str, where: str, number: int, suffix: str, first: int,
+                   args: argparse.Namespace) -> list[PlannedImage]:
+    """The images of one line, numbered from `first`."""
+    line = parse_json_line(raw, where) if suffix == ".jsonl" else {"prompt": raw.strip()}
+    prompt = checked(where, "prompt", line["prompt"], str)
+    count = checked(where, "num_images", line.get("num_images", args.num_images), int, 1)
+    height = checked(where, "height", line.get("height", args.height), int)
+    width = checked(where, "width", line.get("width", args.width), int)
+    negative = checked(where, "negative_prompt", line.get("negative_prompt", args.negative_prompt), str)
+    own_seed = checked(where, "seed", line.get("seed"), int, 0)
+    if first + count > MAX_IMAGES:
+        raise ArgumentError(f"{where}: num_images {count} takes the job past {MAX_IMAGES} images: split it into "
+                            "several jobs")
+    images = []
+    for j in range(count):
+        k = first + j
+        if own_seed is None:
+            images.append(PlannedImage(k, number, prompt, negative, args.seed + k, 0, 1, height, width))
+        else:
+            images.append(PlannedImage(k, number, prompt, negative, own_seed, j, count, height, width))
     return images
 
 
@@ -82,11 +102,13 @@ def checked(where: str, key: str, value, kind: type, minimum: int | None = None)
         raise ArgumentError(f"{where}: {key} must be an integer, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise ArgumentError(f"{where}: {key} must be a string, got {value!r}")
+    if kind is str:
+        checks.as_prompt_list(value, f"{where}: {key}")  # at most MAX_PROMPT_CHARACTERS
     if key in ("height", "width"):
         checks.check_size(f"{where}: {key}", value)
     elif minimum is not None and value < minimum:
         raise ArgumentError(f"{where}: {key} must be at least {minimum}, got {value}")
-    elif key == "seed" and value >= SEEDS:
+    elif key == "seed" and value >= checks.SEEDS:
         raise ArgumentError(f"{where}: seed must be below 2**63, got {value}")
     return value
 
