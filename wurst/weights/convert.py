@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wurst.errors import CheckpointError, ConfigError
+from wurst.errors import ArgumentError, CheckpointError, ConfigError
 from wurst.weights import image_encoder as encoder_files
 from wurst.weights import original as original_format
 from wurst.weights.configs import config_from_dict, read_json
@@ -116,6 +116,17 @@ def verify(folder: Path, kind: str, models: Mapping[str, nn.Module], dtype: torc
                                       f"reloading (nothing was replaced)")
 
 
+def check_out(out: Path, inputs: list[tuple[str, str | Path | None]]) -> None:
+    """--overwrite may replace an earlier output, never an input: the output folder must not be, contain or lie
+    inside any of `inputs` ((option, file or folder), None where not given), symlinks resolved."""
+    target = out.resolve()
+    for option, source in inputs:
+        where = Path(source).resolve() if source is not None else None
+        if where is not None and (target.is_relative_to(where) or where.is_relative_to(target)):
+            relation = "is" if target == where else "lies inside" if target.is_relative_to(where) else "contains"
+            raise ArgumentError(f"--out {out} {relation} the input {option} {source}: choose another output folder")
+
+
 def convert(out: str | Path, *, prior: str = KINDS["prior"].default, decoder: str = KINDS["decoder"].default,
             dtype: torch.dtype | None = None, stage_c: str | None = None, stage_b: str | None = None,
             stage_a: str | None = None, interpolate: tuple[str, str] | None = None, alpha: float = 0.5,
@@ -135,6 +146,9 @@ def convert(out: str | Path, *, prior: str = KINDS["prior"].default, decoder: st
     # Read and check every input before writing anything, so that a bad file leaves no half conversion.
     # Weights stay memory-mapped until written, so holding both repositories costs little memory.
     repos = {"prior": read_repository(prior, "prior"), "decoder": read_repository(decoder, "decoder")}
+    check_out(out, [("--prior", repos["prior"].folder), ("--decoder", repos["decoder"].folder),
+                    ("--stage-c", stage_c), ("--stage-b", stage_b), ("--stage-a", stage_a),
+                    ("--image-encoder", image_encoder), *(("--interpolate", source) for source in interpolate or ())])
     models = {kind: {name: repo.load(name, dtype=torch.float32, device="cpu") for name in KINDS[kind].components}
               for kind, repo in repos.items()}
     if stage_c:
