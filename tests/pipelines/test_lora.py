@@ -5,6 +5,7 @@ not do: refusals that leave the pipeline as it was, fuse_lora() without argument
 methods, low-memory mode and offload keeping their adapters, and files in the cache left untouched."""
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -268,9 +269,13 @@ def test_bad_sources_and_arguments(pair, tmp_path):
     ours, _ = pair
     with pytest.raises(ModelNotFoundError, match="LoRA not found"):
         ours.load_lora_weights(tmp_path / "absent.safetensors")
+    os.mkfifo(tmp_path / "pipe.safetensors")  # opening it would block until a writer came
+    with pytest.raises(ModelNotFoundError, match="not a file"):
+        ours.load_lora_weights(tmp_path / "pipe.safetensors")
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ArgumentError, match="safetensors only"):
         ours.load_lora_weights(tmp_path / "weights.bin")
+    (tmp_path / "pipe.safetensors").unlink()
     with pytest.raises(ModelNotFoundError, match="holds no LoRA file"):
         ours.load_lora_weights(tmp_path)
     ours.load_lora_weights(make_prior_lora(1), adapter_name="a")

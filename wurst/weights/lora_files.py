@@ -26,7 +26,7 @@ from wurst.errors import ArgumentError, CheckpointError, ModelNotFoundError
 from wurst.files import atomic_file
 from wurst.models.lora import LoraFactors, lora_layers
 from wurst.weights.hub import HUB_ID, hub_file
-from wurst.weights.safetensors_io import open_header, read_safetensors, write_safetensors
+from wurst.weights.safetensors_io import open_weights, read_safetensors, write_safetensors
 from wurst.weights.spec import COMPONENTS
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name
@@ -109,9 +109,8 @@ def read_lora(source: str | os.PathLike | dict, weight_name: str | None = None) 
             raise ArgumentError(f"the LoRA state dict's entry {bad!r} is not a tensor under a string key")
         return LoraFile(dict(source), {}, None, "the LoRA state dict")
     path = find_lora_file(source, weight_name)
-    with open(path, "rb") as f:
-        header = open_header(path, f)[0]
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    with open_weights(path) as (_, header, _):
+        raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
     try:
         metadata = json.loads(raw) if raw else {}
     except json.JSONDecodeError as e:
