@@ -289,6 +289,8 @@ def test_bad_sources_and_arguments(pair, tmp_path):
         ours.fuse_lora(components=["decoder"])
     with pytest.raises(TypeError, match="unexpected keyword argument 'scale'"):
         ours.load_lora_weights(make_prior_lora(2), scale=2)
+    with pytest.raises(ArgumentError, match="revision= is not supported"):
+        ours.load_lora_weights(make_prior_lora(2), revision="main")
     assert ours.get_list_adapters() == {"prior": ["a"]}
 
 

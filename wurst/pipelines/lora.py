@@ -22,8 +22,10 @@ from wurst.weights.spec import COMPONENTS as SPECS
 
 COMPONENTS = ("prior", "text_encoder")  # diffusers' _lora_loadable_modules of the prior pipeline
 ALIASES = {"unet": "prior"}  # diffusers' generic name for the denoiser, the default of its fuse_lora
-HUB_OPTIONS = {"subfolder", "low_cpu_mem_usage", "local_files_only", "use_safetensors", "hotswap", "cache_dir",
-               "force_download", "proxies", "token", "revision", "unet_config"}
+# diffusers' other keywords of load_lora_weights: those wurst takes (low_cpu_mem_usage is always so, and only
+# safetensors are read), and those it refuses rather than ignore (hub files come through the default cache).
+TAKEN_OPTIONS = {"subfolder", "low_cpu_mem_usage", "use_safetensors", "hotswap"}
+REFUSED_OPTIONS = {"local_files_only", "cache_dir", "force_download", "proxies", "token", "revision", "unet_config"}
 
 
 @dataclass
@@ -110,11 +112,17 @@ class LoraLoaderMixin:
         """Load a LoRA (a file, a folder, a hub id through the Hugging Face cache, or a state dict; diffusers' or
         kohya's format) into the prior and its text encoder, as adapter `adapter_name` (default `default_<n>`), and
         make it the active adapter. A LoRA that does not fit is refused whole, the pipeline left as it was."""
-        unknown = sorted(set(kwargs) - HUB_OPTIONS)
+        unknown = sorted(set(kwargs) - TAKEN_OPTIONS - REFUSED_OPTIONS)
         if unknown:
             raise TypeError(f"load_lora_weights() got an unexpected keyword argument '{unknown[0]}'")
+        refused = sorted(set(kwargs) & REFUSED_OPTIONS)
+        if refused:
+            raise ArgumentError(f"load_lora_weights: {refused[0]}= is not supported: wurst reads hub LoRAs through the "
+                                "default Hugging Face cache (`hf download <id>` fills it), or pass a local file")
         if kwargs.get("hotswap"):
             raise ArgumentError("hotswap=True is not supported: load the LoRA under a new adapter_name")
+        if kwargs.get("use_safetensors") is False:
+            raise ArgumentError("use_safetensors=False: wurst reads LoRA weights in safetensors only")
         source = pretrained_model_name_or_path_or_dict
         if kwargs.get("subfolder") and not isinstance(source, dict):
             if os.path.isdir(source):
