@@ -30,10 +30,6 @@ class LoraFactors:
     up: torch.Tensor
     scale: float = 1.0
 
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
     def delta(self, weight: float = 1.0) -> torch.Tensor:
         """(weight · scale) · up @ down in float32: what this adapter adds to the layer's weight."""
         return (self.up.float() * (self.scale * weight)) @ self.down.float()
@@ -91,12 +87,3 @@ def apply_lora(model: nn.Module, wanted: dict[str, LayerLora]) -> None:
             layer.weight = nn.Parameter(weight, requires_grad=False)
             layer.lora_fused = list(want.fused)
         layer.lora = LowRank(want.unfused, dtype=current.dtype, device=current.device) if want.unfused else None
-
-
-def fused_is_finite(model: nn.Module) -> str | None:
-    """The first layer whose fused weight holds NaN or inf, or None."""
-    model = getattr(model, "_orig_mod", model)
-    for name, layer in lora_layers(model).items():
-        if layer.lora_base is not None and not torch.isfinite(layer.weight).all():
-            return name
-    return None

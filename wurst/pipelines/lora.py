@@ -37,7 +37,6 @@ class Adapters:
     weights: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> component -> weight
     enabled: bool = True
     fused: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # component -> (name, weight) fused
-    sources: dict[str, str] = field(default_factory=dict)  # name -> where it was loaded from
 
     def weight(self, name: str, component: str) -> float:
         return self.weights.get(name, {}).get(component, 1.0)
@@ -139,7 +138,6 @@ class LoraLoaderMixin:
         lora = read_lora(source, weight_name)
         configs = {c: getattr(pipe, c).config for c in COMPONENTS}
         adapters.layers[name] = parse_lora(lora, configs=configs)
-        adapters.sources[name] = str(lora.path) if lora.path else "a state dict"
         adapters.active = [name]
         self._apply_adapters()
 
@@ -232,7 +230,7 @@ class LoraLoaderMixin:
         self._check_adapters_exist(names)
         adapters = self._adapters
         for name in names:
-            del adapters.layers[name], adapters.sources[name]
+            del adapters.layers[name]
             adapters.weights.pop(name, None)
         adapters.active = [n for n in adapters.active if n not in names]
         adapters.fused = {c: [(n, w) for n, w in fused if n not in names] for c, fused in adapters.fused.items()}

@@ -47,11 +47,10 @@ KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A LoRA as read: its tensors, diffusers' metadata (or {}), and where it came from (None for a dict)."""
+    """A LoRA as read: its tensors, diffusers' metadata (or {}), and how errors name it (its file, or the dict)."""
 
     tensors: dict[str, torch.Tensor]
     metadata: dict
-    path: Path | None
     description: str
 
 
@@ -107,7 +106,7 @@ def read_lora(source: str | os.PathLike | dict, weight_name: str | None = None) 
         bad = next((k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
         if bad is not None:
             raise ArgumentError(f"the LoRA state dict's entry {bad!r} is not a tensor under a string key")
-        return LoraFile(dict(source), {}, None, "the LoRA state dict")
+        return LoraFile(dict(source), {}, "the LoRA state dict")
     path = find_lora_file(source, weight_name)
     with open_weights(path) as (_, header, _):
         raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
@@ -117,7 +116,7 @@ def read_lora(source: str | os.PathLike | dict, weight_name: str | None = None) 
         raise CheckpointError(f"{path}: its {METADATA_KEY} metadata is not valid JSON") from e
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: its {METADATA_KEY} metadata is not a JSON object")
-    return LoraFile(read_safetensors(path), metadata, path, str(path))
+    return LoraFile(read_safetensors(path), metadata, str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,17 +154,19 @@ def targets(component: str, config) -> Targets:
 # Parsing
 
 
-def _split(key: str) -> tuple[str, str, str] | None:
-    """(component, module path as the file names it, tensor role 'down'/'up'/'alpha') of a LoRA key, or None."""
+def _split(key: str) -> tuple[str, str, str, bool] | None:
+    """(component, module path as the file names it, tensor role 'down'/'up'/'alpha', whether it is kohya's format) of
+    a LoRA key, or None."""
     for prefixes, suffixes in ((KOHYA_PREFIXES, KOHYA_SUFFIXES), (DIFFUSERS_PREFIXES, DIFFUSERS_SUFFIXES)):
+        kohya = prefixes is KOHYA_PREFIXES
         for suffix, role in zip(suffixes, ("down", "up", "alpha"), strict=True):
             if key.endswith(suffix):
                 module = key.removesuffix(suffix)
                 prefix = next((p for p in prefixes if module.startswith(p)), None)
                 if prefix is not None:
-                    return prefixes[prefix], module.removeprefix(prefix), role
-                if prefixes is DIFFUSERS_PREFIXES:  # peft's own state dicts: no prefix at all
-                    return "", module, role
+                    return prefixes[prefix], module.removeprefix(prefix), role, kohya
+                if not kohya:  # peft's own state dicts: no prefix at all
+                    return "", module, role, kohya
     return None
 
 
@@ -219,11 +220,10 @@ def parse_lora(lora: LoraFile, *, configs: dict[str, object]) -> dict[str, dict[
                                       f"(its first tensor is '{key}')")
             raise CheckpointError(f"{source}: '{key}' is not a LoRA tensor (expected .lora_A.weight/.lora_B.weight, or "
                                   ".lora_down.weight/.lora_up.weight/.alpha)")
-        component, path, role = split
+        component, path, role, kohya = split
         if component and component not in found:
             raise CheckpointError(f"{source}: '{key}' adapts {COMPONENT_NAMES.get(component, component)}, which this "
                                   "pipeline does not hold")
-        kohya = key.endswith(KOHYA_SUFFIXES[:2]) or any(key.startswith(p) for p in KOHYA_PREFIXES)
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: '{key}' holds {str(tensor.dtype).removeprefix('torch.')} where a "
                                   "floating tensor belongs")
