@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from wurst.batch import app as batch_app
 from wurst.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +83,18 @@ def run_cli(args, capsys):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_batch(args, capsys):
+    """`python -m wurst.batch ARGS` in this process: (exit code, stdout, stderr)."""
+    code = batch_app.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes."""
+    return {name: (folder / name).read_bytes() for name in files_in(folder)}
 
 
 def run_module(args, env=None, cwd=None, *, timeout: float = 120, memory: int | None = None):
@@ -152,6 +165,17 @@ RSS_PROBE = inspect.getsource(rss)
 
 # ---------------------------------------------------------------------------------------------------------
 # Damaged and hostile files
+
+
+def not_a_regular_file(path: Path, kind: str) -> Path:
+    """Put at `path` (removing what is there) a named pipe (kind "pipe"), where opening blocks until a writer comes,
+    or a link to /dev/zero ("zero"), endless zeros."""
+    path.unlink(missing_ok=True)
+    if kind == "pipe":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    return path
 
 
 def edit_weights(path: Path, edit) -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT, assert_one_line_error, files_in, run_cli
+from tests.helpers import ROOT, assert_one_line_error, contents, files_in, run_batch, run_cli
 from wurst.api import load_pipeline
 from wurst.batch import app, plan
 from wurst.batch import folder as job_folder
@@ -47,14 +47,6 @@ def repos(tiny_prior_repo, tiny_decoder_repo):
     return ["--prior", str(tiny_prior_repo), "--decoder", str(tiny_decoder_repo)]
 
 
-def run_batch(args, capsys):
-    code = app.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def contents(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in files_in(folder)}
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -18,8 +18,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import wurst
-from tests.helpers import ONE_STEP, ROOT, SHORT_PROMPT, assert_one_line_error, files_in, make_prior_lora, run_cli
-from wurst.batch import app
+from tests.helpers import (
+    ONE_STEP,
+    ROOT,
+    SHORT_PROMPT,
+    assert_one_line_error,
+    contents,
+    make_prior_lora,
+    run_batch,
+    run_cli,
+)
 from wurst.cli import lora_options
 from wurst.errors import ArgumentError
 from wurst.runtime.devices import default_dtype
@@ -290,14 +298,6 @@ def test_cli_refuses_bad_loras_before_loading(case, culprit, tmp_path, repos, ou
 # python -m wurst.batch
 
 
-def run_batch(args, capsys):
-    code = app.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def contents(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in files_in(folder)}
 
 
 @pytest.fixture

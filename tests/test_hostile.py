@@ -11,7 +11,6 @@ test_hostile_prompts.py, test_hostile_job_folders.py, test_hostile_safetensors.p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from tests.helpers import (
     assert_one_line_error,
     edit_weights,
     fingerprint,
+    not_a_regular_file,
     run_cli,
     run_module,
 )
@@ -224,12 +224,7 @@ def replaced(relative: str, kind: str):
             with open(path, "a") as f:
                 f.write(" " * 17 * 2**20)
             return path
-        path.unlink(missing_ok=True)  # the decoder's tokenizer has no tokenizer.json, which takes precedence
-        if kind == "pipe":
-            os.mkfifo(path)
-        else:
-            path.symlink_to("/dev/zero")
-        return path
+        return not_a_regular_file(path, kind)  # the decoder's tokenizer has no tokenizer.json: it is made
 
     return damage
 

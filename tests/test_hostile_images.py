@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import ONE_STEP, SHORT_PROMPT, assert_one_line_error, fingerprint, run_module
+from tests.helpers import ONE_STEP, SHORT_PROMPT, assert_one_line_error, fingerprint, not_a_regular_file, run_module
 from tests.support.image_fixtures import decompression_bomb, photo
 
 SECONDS = 60  # the hang guard: a refusal takes about 3 s, a strip's whole 1024x1024 run about 10 s
@@ -23,13 +23,11 @@ LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's default, 89478485 pixels
 
 
 def named_pipe(folder: Path) -> Path:
-    os.mkfifo(folder / "pipe.png")
-    return folder / "pipe.png"
+    return not_a_regular_file(folder / "pipe.png", "pipe")
 
 
 def link_to_dev_zero(folder: Path) -> Path:
-    (folder / "zero.png").symlink_to("/dev/zero")
-    return folder / "zero.png"
+    return not_a_regular_file(folder / "zero.png", "zero")
 
 
 def bomb(width: int, height: int):

@@ -9,12 +9,11 @@ missing, a hang fails the test at its time guard and memory running out fails it
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ONE_STEP, assert_one_line_error, fingerprint, run_module
+from tests.helpers import ONE_STEP, assert_one_line_error, fingerprint, not_a_regular_file, run_module
 
 SECONDS = 60  # the hang guard: a refusal takes about 3 s, a tiny job about 10 s
 MEMORY = 4 * 2**30  # the address space of each run: wurst with the tiny models needs about 1.2 GB
@@ -34,13 +33,11 @@ def jsonl(*lines: dict):
 
 
 def named_pipe(folder: Path) -> Path:
-    os.mkfifo(folder / "prompts.txt")
-    return folder / "prompts.txt"
+    return not_a_regular_file(folder / "prompts.txt", "pipe")
 
 
 def link_to_dev_zero(folder: Path) -> Path:
-    (folder / "prompts.txt").symlink_to("/dev/zero")
-    return folder / "prompts.txt"
+    return not_a_regular_file(folder / "prompts.txt", "zero")
 
 
 def one_line_of_100_mb(folder: Path) -> Path:

@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import ONE_STEP, SHORT_PROMPT, WEIGHTS, assert_one_line_error, fingerprint, run_module
+from tests.helpers import (
+    ONE_STEP,
+    SHORT_PROMPT,
+    WEIGHTS,
+    assert_one_line_error,
+    fingerprint,
+    not_a_regular_file,
+    run_module,
+)
 
 SECONDS = 60  # the hang guard: a refusal takes about 3 s
 MEMORY = 4 * 2**30  # the address space of each run: wurst with the tiny models needs about 1.2 GB
@@ -107,13 +115,7 @@ def rewrite(**options):
 
 def replace_weights(kind: str):
     def damage(repo: Path) -> Path:
-        path = repo / "prior" / WEIGHTS
-        path.unlink()
-        if kind == "pipe":
-            os.mkfifo(path)
-        else:
-            path.symlink_to("/dev/zero")
-        return path
+        return not_a_regular_file(repo / "prior" / WEIGHTS, kind)
 
     return damage
 
