@@ -87,3 +87,36 @@ def apply_lora(model: nn.Module, wanted: dict[str, LayerLora]) -> None:
             layer.weight = nn.Parameter(weight, requires_grad=False)
             layer.lora_fused = list(want.fused)
         layer.lora = LowRank(want.unfused, dtype=current.dtype, device=current.device) if want.unfused else None
+
+
+class TrainableLora(nn.Module):
+    """A LoRA being trained on one linear layer: float32 factors whose gradients the optimizer steps, added as
+    scale · up(down(x)). Initialised as peft initialises it (down Kaiming-uniform, up zero), so training starts
+    from the base model. Set as `Linear.lora`, where it registers as the submodule `lora`."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, device=None):
+        super().__init__()
+        self.scale = alpha / rank
+        self.down = nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.up = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.down, a=5**0.5)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # The factors stay in float32 (a bfloat16 base model included): the input goes up to float32 and the term
+        # comes back in the layer's dtype, as peft computes it.
+        low = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scale
+        return y + low.to(y.dtype)
+
+    def factors(self) -> LoraFactors:
+        """The trained factors, detached, with the scale folded into `up`: what a LoRA file holds."""
+        return LoraFactors(down=self.down.detach().clone(), up=(self.up.detach() * self.scale), scale=1.0)
+
+
+def attach_trainable_lora(layers: dict[str, Linear], *, rank: int, alpha: float) -> dict[str, TrainableLora]:
+    """A fresh TrainableLora on each of `layers` (by module name), on the layer's device; returns them by name."""
+    attached = {}
+    for name, layer in layers.items():
+        layer.lora = TrainableLora(layer.in_features, layer.out_features, rank=rank, alpha=alpha,
+                                   device=layer.weight.device)
+        attached[name] = layer.lora
+    return attached

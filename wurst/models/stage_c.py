@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from wurst.models.blocks import AttnBlock, Linear, ResBlock, TextKV, TimestepBlock, channel_norm, r_embedding
 from wurst.models.validation import check_r_width, require_heads_divide, require_positive
@@ -44,6 +45,9 @@ class StageC(nn.Module):
             self.blocks.append(TimestepBlock(cfg.c, cfg.c_r))
             self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead))  # the text is mapped to width c first
         self.head = nn.Conv2d(cfg.c, 2 * cfg.c_in, kernel_size=1)
+        # Training: recompute each block's activations in the backward pass instead of keeping them (less memory,
+        # about one more forward pass of time).
+        self.gradient_checkpointing = False
 
     def condition(self, text: torch.Tensor) -> list[TextKV]:
         """The text keys and values of every attention block, shared by all denoising steps.
@@ -57,13 +61,15 @@ class StageC(nn.Module):
         text_kv = iter(self.condition(text) if isinstance(text, torch.Tensor) else text)
         r_embed = r_embedding(r, self.config.c_r)
         h = self.projection(x).contiguous(memory_format=torch.channels_last)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if isinstance(block, ResBlock):
-                h = block(h)
+                inputs = (h,)
             elif isinstance(block, TimestepBlock):
-                h = block(h, r_embed)
+                inputs = (h, r_embed)
             else:
-                h = block(h, next(text_kv))
+                inputs = (h, next(text_kv))
+            h = checkpoint(block, *inputs, use_reentrant=False) if checkpointed else block(*inputs)
         a, b = self.head(channel_norm(h)).chunk(2, dim=1)
         return (x - a) / ((1 - b).abs() + 1e-5)
 

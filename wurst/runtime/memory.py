@@ -274,3 +274,8 @@ def _largest(fits, limit: int) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def check_training_memory(args, *, pipe, samples, device: torch.device, dtype: torch.dtype, world: int) -> None:
+    """Refuse a training run whose estimated peak is over what the device has (python -m wurst.train)."""
+    return None  # TODO(helper): the training estimate

@@ -1,0 +1,5 @@
+import sys
+
+from wurst.train.app import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""What a training run leaves in its output folder, in the formats the pipelines (wurst's and diffusers') load:
+- LoRA: pytorch_lora_weights.safetensors in diffusers' format (`prior.` and `text_encoder.` keys, lora_A / lora_B
+  under diffusers' module names, the alpha / rank scale folded into lora_B);
+- full fine-tuning: prior/, a whole prior repository in the hub layout (the trained prior beside the base
+  repository's text encoder, tokenizer and scheduler);
+- validation images: validation/step-NNNNNN-P.png, drawn by wurst's pipeline with the weights being trained."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wurst.files import png_metadata, write_png_atomically
+from wurst.models.lora import TrainableLora
+from wurst.weights.spec import COMPONENTS
+
+PRIOR_FOLDER, VALIDATION_FOLDER = "prior", "validation"
+
+
+def lora_layers_by_file_name(component: str, model: nn.Module,
+                             weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The trained LoRAs of one model as a peft-style state dict under diffusers' module names: `<module>.lora_A.weight`
+    (down) and `<module>.lora_B.weight` (up times the scale). `weights` (parameter name -> tensor, the EMA's) replaces
+    the factors' current values where given."""
+    key_map = COMPONENTS[component].key_map
+    state = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, TrainableLora):
+            continue
+        layer = name.removesuffix(".lora")
+        down, up = (weights or {}).get(f"{name}.down", module.down), (weights or {}).get(f"{name}.up", module.up)
+        file_name = key_map.to_checkpoint(f"{layer}.weight").removesuffix(".weight")
+        state[f"{file_name}.lora_A.weight"] = down.detach().float().cpu().contiguous()
+        state[f"{file_name}.lora_B.weight"] = (up.detach().float() * module.scale).cpu().contiguous()
+    return state
+
+
+def write_lora_output(out: Path, *, prior: nn.Module, text_encoder: nn.Module | None,
+                      ema: dict[str, torch.Tensor] | None) -> Path:
+    from wurst.pipelines.prior import WuerstchenPriorPipeline
+
+    def part(prefix: str, model: nn.Module | None):
+        if model is None:
+            return None
+        weights = {k.removeprefix(prefix): v for k, v in ema.items() if k.startswith(prefix)} if ema else None
+        return lora_layers_by_file_name(prefix.rstrip("."), model, weights) or None
+
+    WuerstchenPriorPipeline.save_lora_weights(out, unet_lora_layers=part("prior.", prior),
+                                              text_encoder_lora_layers=part("text_encoder.", text_encoder))
+    return out / "pytorch_lora_weights.safetensors"
+
+
+@contextlib.contextmanager
+def weights_swapped(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """`model` holding `weights` (parameter name -> tensor) for the time of the block, its own weights after."""
+    if not weights:
+        yield
+        return
+    params = dict(model.named_parameters())
+    kept = {name: params[name].data for name in weights}
+    try:
+        for name, tensor in weights.items():
+            params[name].data = tensor
+        yield
+    finally:
+        for name, tensor in kept.items():
+            params[name].data = tensor
+
+
+def write_full_output(out: Path, *, pipe, ema: dict[str, torch.Tensor] | None) -> Path:
+    """The prior pipeline `pipe` (its prior the trained one) saved as a hub-layout repository, with the EMA
+    weights in place of the trained ones where there are EMA weights."""
+    prior_ema = {k.removeprefix("prior."): v for k, v in ema.items() if k.startswith("prior.")} if ema else None
+    with weights_swapped(pipe.prior, prior_ema):
+        pipe.save_pretrained(out / PRIOR_FOLDER)
+    return out / PRIOR_FOLDER
+
+
+def write_validation_images(out: Path, *, pipe, prompts: list[str], step: int, resolution: int, seed: int) -> None:
+    """One image per prompt from the combined pipeline `pipe`, whose prior is the one being trained, seeded so that
+    the images of two steps differ only by what training changed."""
+    folder = out / VALIDATION_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(seed)
+        image = pipe(prompt, height=resolution, width=resolution, generator=generator).images[0]
+        settings = {"prompt": prompt, "seed": seed, "height": resolution, "width": resolution, "training_step": step}
+        write_png_atomically(image, folder / f"step-{step:06d}-{number}.png",
+                             png_metadata(settings, image_index=0, command=[]))
