@@ -1,0 +1,1 @@
+"""Fine-tuning Stage C: python -m wurst.train."""
