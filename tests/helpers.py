@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -259,3 +260,19 @@ def make_prior_lora(seed: int, rank: int = 2, scale: float = 0.3, text_encoder: 
         state[f"{prefix}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=generator) * scale
         state[f"{prefix}.{module}.lora_B.weight"] = torch.randn(width, rank, generator=generator) * scale
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def write_captioned_images(folder: Path, sizes=((128, 128), (128, 128)), seed: int = 0) -> Path:
+    """A training dataset in kohya's layout: random-noise PNGs of `sizes` (height, width) with same-name captions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (height, width) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"image{i}.png")
+        (folder / f"image{i}.txt").write_text(f"a picture of noise number {i}", encoding="utf-8")
+    return folder
