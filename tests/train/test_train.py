@@ -192,6 +192,35 @@ def test_validation_images_come_from_the_weights_being_trained(tmp_path, dataset
     assert not torch.equal(final, drawn(with_lora=False))
 
 
+def test_text_encoder_lora_and_tensorboard_logs(tmp_path, dataset, models, tiny_prior_repo):
+    """--train-text-encoder writes `text_encoder.` keys that wurst's loader applies; --report-to tensorboard logs each
+    step's loss, the values of metrics.jsonl."""
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from wurst import WuerstchenPriorPipeline
+
+    out = tmp_path / "out"
+    code = main([str(dataset), "--out", str(out), *models, "--steps", "3", "--batch-size", "2", "--learning-rate",
+                 "5e-2", "--train-text-encoder", "--report-to", "tensorboard"])
+    assert code == 0
+    keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A") for k in keys), keys
+    assert any(k.startswith("prior.") for k in keys)
+    pipe = WuerstchenPriorPipeline.from_pretrained(tiny_prior_repo)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe.encode_text(pipe.tokenizer, ["a cat"])
+    pipe.load_lora_weights(out)
+    assert not torch.equal(pipe.encode_text(pipe.tokenizer, ["a cat"]), base)  # the text encoder's LoRA applies
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    recorded = [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert [step for step, _ in logged] == [1, 2, 3]
+    assert [value for _, value in logged] == pytest.approx([loss for _, loss in recorded], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: exit code 2, one line per problem naming the file, nothing written
 
