@@ -273,3 +273,10 @@ def test_an_empty_folder_is_refused(tmp_path, models, capsys):
     (tmp_path / "empty").mkdir()
     lines = run_refused([str(tmp_path / "empty"), "--out", str(tmp_path / "out"), *models], capsys)
     assert len(lines) == 1 and "empty" in lines[0], lines
+
+
+def test_lora_targets_that_name_no_layer_are_refused_before_anything_is_written(dataset, models, tmp_path, capsys):
+    lines = run_refused([str(dataset), "--out", str(tmp_path / "out"), *models, "--lora-targets", "to_q,to_x"], capsys)
+    assert len(lines) == 1 and "--lora-targets 'to_x' names no linear layer of the prior" in lines[0], lines
+    assert "to_q" in lines[0]  # the ends of the layer names it has
+    assert not (tmp_path / "out").exists()

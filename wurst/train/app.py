@@ -144,32 +144,41 @@ def write_progress(out: Path, *, step: int, finished: bool) -> None:
     write_file_atomically(out / PROGRESS, json.dumps({"step": step, "finished": finished}).encode() + b"\n")
 
 
-def check_job(args: argparse.Namespace, rank: int, world: int):
-    """Rank 0 checks the dataset and the output folder and tells every process the verdict: (samples, settings,
-    device, dtype, progress), or the refusal, which rank 0 prints."""
-    from wurst.train.data import dataset_fingerprint, read_dataset
-
-    device, dtype = device_and_dtype(args)
+def decided_by_rank_zero(decide, rank: int, world: int):
+    """decide() on rank 0, its result on every process; where it refuses (WurstError, OSError), rank 0 raises the
+    refusal and the others ReportedByRankZero, so that a torchrun job says it once and no process waits forever."""
     if rank == 0:
         try:
-            samples = read_dataset(args.data, args.resolution)
-            settings = job_settings(args, fingerprint=dataset_fingerprint(samples), dtype=dtype)
-            out = Path(args.out)
-            job = read_job(out) if (out / JOB).exists() else None
-            if job is not None:  # a rerun: the weights must come out as this job's
-                check_same_job(out, theirs=job, ours=settings)
-            inspect_folder(out, job or settings)  # a folder this process can write, and no other job's files
-            progress = read_progress(out)
-            if progress["step"] > args.steps:
-                raise ArgumentError(f"--out {out} holds a checkpoint of step {progress['step']}, past --steps "
-                                    f"{args.steps}")
-            verdict = (samples, settings, progress)
+            verdict = decide()
         except (WurstError, OSError) as e:
             verdict = e
     verdict = share(verdict if rank == 0 else None, rank, world)
     if isinstance(verdict, BaseException):
         raise verdict if rank == 0 else ReportedByRankZero()
-    samples, settings, progress = verdict
+    return verdict
+
+
+def check_job(args: argparse.Namespace, rank: int, world: int):
+    """The dataset and the output folder, checked by rank 0: (samples, settings, device, dtype, progress)."""
+    from wurst.train.data import dataset_fingerprint, read_dataset
+
+    device, dtype = device_and_dtype(args)
+
+    def decide():
+        samples = read_dataset(args.data, args.resolution)
+        settings = job_settings(args, fingerprint=dataset_fingerprint(samples), dtype=dtype)
+        out = Path(args.out)
+        job = read_job(out) if (out / JOB).exists() else None
+        if job is not None:  # a rerun: the weights must come out as this job's
+            check_same_job(out, theirs=job, ours=settings)
+        inspect_folder(out, job or settings)  # a folder this process can write, and no other job's files
+        progress = read_progress(out)
+        if progress["step"] > args.steps:
+            raise ArgumentError(f"--out {out} holds a checkpoint of step {progress['step']}, past --steps "
+                                f"{args.steps}")
+        return samples, settings, progress
+
+    samples, settings, progress = decided_by_rank_zero(decide, rank, world)
     return samples, settings, device, dtype, progress
 
 
@@ -197,7 +206,6 @@ def run(argv: list[str]) -> None:
     check_options(args, world)
     device, _ = device_and_dtype(args)
     rank, world, device = distributed_setup(device)
-    args.device = str(device) if args.device else None
     samples, settings, device, dtype, progress = check_job(args, rank, world)
     out = Path(args.out)
     if progress.get("finished") and progress["step"] == args.steps:

@@ -49,6 +49,10 @@ def chosen_layers(component: str, model: nn.Module, targets: list[str]) -> dict:
     return chosen
 
 
+def lora_targets(args: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+
+
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The prior pipeline (tokenizer, text encoder, prior, scheduler) and the image encoder. With --full the prior
     pipeline is in float32, the trained weights' dtype."""
@@ -71,8 +75,7 @@ def trainable_objective(args: argparse.Namespace, pipe,
             parameter.data = parameter.data.to(torch.float32, copy=True)
         pipe.prior.requires_grad_(True)
     else:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        attach_trainable_lora(chosen_layers("prior", pipe.prior, targets), rank=args.lora_rank,
+        attach_trainable_lora(chosen_layers("prior", pipe.prior, lora_targets(args)), rank=args.lora_rank,
                               alpha=args.lora_alpha or args.lora_rank)
         if args.train_text_encoder:
             attach_trainable_lora(chosen_layers("text_encoder", pipe.text_encoder, list(TEXT_TARGETS)),
@@ -212,16 +215,25 @@ def train(args: argparse.Namespace, *, samples: list[Sample], settings: dict, de
     from tqdm.auto import tqdm
 
     from wurst.runtime.memory import check_training_memory
-    from wurst.train.app import write_progress
+    from wurst.train.app import decided_by_rank_zero, write_progress
 
     out = Path(args.out)
     pipe, encoder = load_models(args, device, dtype)
-    if rank == 0 and not args.force:
-        check_training_memory(args, pipe=pipe, samples=samples, device=device, dtype=dtype, world=world)
-    if rank == 0:
+
+    validation = []  # rank 0's, where there are validation prompts
+
+    def prepare() -> None:
+        """Rank 0: what can still refuse the run, checked before anything is written; then job.json."""
+        if not args.full:
+            chosen_layers("prior", pipe.prior, lora_targets(args))
+        if not args.force:
+            check_training_memory(args, pipe=pipe, samples=samples, device=device, dtype=dtype, world=world)
+        if args.validation_prompt:
+            validation.append(Validation(args, pipe=pipe))
         start_folder(out, settings)
-    if world > 1:
-        dist.barrier()
+
+    decided_by_rank_zero(prepare, rank, world)
+    validation = validation[0] if validation else None
     cache = EncodedCache(out / "cache", with_text=not args.train_text_encoder)
     fill_cache(cache, samples, pipe=pipe, encoder=encoder, device=device, dtype=dtype, rank=rank, world=world)
     del encoder
@@ -231,7 +243,6 @@ def train(args: argparse.Namespace, *, samples: list[Sample], settings: dict, de
     state = load_checkpoint(out)
     start = trainer.restore(state) if state is not None else 0
     del state
-    validation = Validation(args, pipe=pipe, dtype=dtype) if rank == 0 and args.validation_prompt else None
     metrics = Metrics(out, after_step=start) if rank == 0 else None
     writer = tensorboard_writer(out) if rank == 0 and args.report_to == "tensorboard" else None
     bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", disable=rank != 0)
@@ -269,7 +280,7 @@ class Validation:
     """Validation images from the combined pipeline: the prior pipeline being trained, and the decoder (loaded
     when it runs: low-memory mode)."""
 
-    def __init__(self, args: argparse.Namespace, *, pipe, dtype: torch.dtype):
+    def __init__(self, args: argparse.Namespace, *, pipe):
         from wurst.pipelines.combined import WuerstchenCombinedPipeline
         from wurst.pipelines.decoder import WuerstchenDecoderPipeline
 
