@@ -162,7 +162,7 @@ class Trainer:
         """Train step `step` (1-based); returns the global batch's mean loss."""
         args, batch = self.args, self.order.batch(step - 1)
         per_micro = args.batch_size // (args.gradient_accumulation * self.world)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: nccl reduces nothing else
         for m in range(args.gradient_accumulation):
             ks = [(m * self.world + self.rank) * per_micro + j for j in range(per_micro)]
             last = m == args.gradient_accumulation - 1
@@ -170,7 +170,7 @@ class Trainer:
             with sync:
                 losses = self.model(**self.micro_batch(step, ks, batch))
                 (losses.sum() * (self.world / args.batch_size)).backward()
-            total += losses.detach().double().sum().cpu()
+            total += losses.detach().double().sum()
         if self.world > 1:
             dist.all_reduce(total)
         torch.nn.utils.clip_grad_norm_(self.trained.values(), args.max_grad_norm)
