@@ -12,7 +12,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wurst.files import png_metadata, write_png_atomically
@@ -288,19 +288,38 @@ def run(argv: list[str]) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] | None, *, interrupted: str,
+                said_once: tuple[type[BaseException], ...] = ()) -> int:
+    """An app's `run(argv)` (argv: sys.argv[1:] by default) as a command: each refusal line as `PROG: error: ...`
+    with exit code 2, an interrupt with 130, warnings as `PROG: warning: ...`. Under torchrun only rank 0 warns;
+    usage errors, errors of the kinds in `said_once` (which every process reaches alike) and refusals rank 0 decided
+    for all (ReportedByRankZero) are said by rank 0 alone, other errors by each process, naming its rank."""
     from wurst.errors import WurstError
+    from wurst.runtime.distributed import ReportedByRankZero, rank_and_world
 
     argv = sys.argv[1:] if argv is None else argv
-    warnings.showwarning = lambda message, *rest: print(f"wurst: warning: {message}", file=sys.stderr)
+    rank, world = rank_and_world()
+    who = f"{prog} (rank {rank})" if world > 1 else prog
+    warnings.showwarning = lambda message, *rest: rank == 0 and print(f"{prog}: warning: {message}",
+                                                                      file=sys.stderr)
     try:
         run(argv)
+    except ReportedByRankZero:
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("wurst: interrupted; no image was written", file=sys.stderr)
+        print(f"{who}: interrupted; {interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UsageError, WurstError, OSError) as e:
+        once = isinstance(e, (UsageError, *said_once))
+        if once and rank != 0:
+            return EXIT_ERROR
         if isinstance(e, OSError) and e.strerror:  # without the "[Errno N]" prefix
             e = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        print(f"wurst: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:
+            print(f"{prog if once else who}: error: {line}", file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("wurst", run, argv, interrupted="no image was written")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +12,7 @@ from wurst.batch.folder import JOURNALS, MANIFEST, Journal, complete, file_name,
 from wurst.batch.plan import PlannedImage, plan_groups, read_prompts
 from wurst.batch.progress import Progress
 from wurst.cli import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
     Parser,
-    UsageError,
     add_generation_options,
     add_model_options,
     check_generation_options,
@@ -26,9 +20,11 @@ from wurst.cli import (
     device_and_dtype,
     generation_settings,
     lora_options,
+    run_command,
 )
 from wurst.errors import ArgumentError, WurstError
 from wurst.files import file_sha256, png_bytes, png_metadata, write_file_atomically
+from wurst.runtime.distributed import decided_by_rank_zero, process_group
 from wurst.weights.lora_refs import ChosenLora, choose_loras
 
 
@@ -46,10 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------------
 # Running: the job's checks on every process, then each process's share of the pending groups
-
-
-class ReportedByRankZero(Exception):
-    """A refusal that rank 0 reports; the other processes exit quietly."""
 
 
 class JobRefused(ArgumentError):
@@ -104,36 +96,6 @@ def generate_group(pipe, group: list[PlannedImage], args: argparse.Namespace, ou
                 **common).images
 
 
-def distributed_setup(device) -> tuple[int, int, object]:
-    """(rank, world size, device) from torchrun's environment; a process group when there are several."""
-    import torch
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        if device.index is not None and world > 1:
-            raise ArgumentError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass cuda")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        # The final barrier waits for the slowest process, which may be hours behind: no 30-minute default.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(days=7))
-    return rank, world, device
-
-
-def share(value, rank: int, world: int):
-    """Rank 0's `value`, on every process."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @dataclass(frozen=True)
 class Job:
     """A checked job: what every process agrees on before anything is read from --out or loaded."""
@@ -169,17 +131,13 @@ def check_job(args: argparse.Namespace) -> Job:
 
 def pending_groups(job: Job, rank: int, world: int) -> list[int]:
     """The numbers of the groups not done yet, read by rank 0 from --out once, before anyone writes, and shared."""
-    if rank == 0:
-        try:
-            inspect_folder(job.out, job.settings)
-            done = complete(job.out, job.images)
-            verdict = [n for n, group in enumerate(job.groups) if any(i.index not in done for i in group)]
-        except (WurstError, OSError) as e:
-            verdict = e
-    verdict = share(verdict if rank == 0 else None, rank, world)
-    if isinstance(verdict, BaseException):
-        raise verdict if rank == 0 else ReportedByRankZero()
-    return verdict
+
+    def pending() -> list[int]:
+        inspect_folder(job.out, job.settings)
+        done = complete(job.out, job.images)
+        return [n for n, group in enumerate(job.groups) if any(i.index not in done for i in group)]
+
+    return decided_by_rank_zero(pending, rank, world)
 
 
 def load_for(job: Job, pending: list[int], device):
@@ -223,8 +181,7 @@ def run(argv: list[str]) -> None:
     with warnings.catch_warnings(record=True) as size_warnings:
         warnings.simplefilter("always")
         job = check_job(args)
-    rank, world, device = distributed_setup(job.device)
-    try:
+    with process_group(job.device) as (rank, world, device):
         pending = pending_groups(job, rank, world)
         pipe = load_for(job, pending, device) if pending else None  # a finished job loads nothing
         for warning in size_warnings:
@@ -247,33 +204,8 @@ def run(argv: list[str]) -> None:
             finish(job.out, job.images)
             progress.close(len(job.images))
             print(job.out / MANIFEST)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    who = f"wurst.batch (rank {rank})" if world > 1 else "wurst.batch"
-    warnings.showwarning = lambda message, *rest: rank == 0 and print(f"wurst.batch: warning: {message}",
-                                                                      file=sys.stderr)
-    try:
-        run(argv)
-    except ReportedByRankZero:
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{who}: interrupted; finished images are kept: rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (UsageError, JobRefused) as e:  # the same on every process: rank 0 says it
-        if rank == 0:
-            print(f"wurst.batch: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except (WurstError, OSError) as e:
-        if isinstance(e, OSError) and e.strerror:
-            e = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        print(f"{who}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    return run_command("wurst.batch", run, argv, interrupted="finished images are kept: rerun the same command to "
+                       "resume", said_once=(JobRefused,))

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import warnings
 from pathlib import Path
 
-from wurst.batch.app import distributed_setup, share
 from wurst.batch.folder import JOB, inspect_folder
-from wurst.cli import DTYPES, EXIT_ERROR, EXIT_INTERRUPTED, Parser, UsageError, device_and_dtype
+from wurst.cli import DTYPES, Parser, device_and_dtype, run_command
 from wurst.errors import ArgumentError, WurstError
 from wurst.files import write_file_atomically
+from wurst.runtime.distributed import decided_by_rank_zero, process_group, rank_and_world
 
 PROGRESS = "progress.json"  # {"step": the checkpoint's step, "finished": whether the outputs are written}
 DEFAULT_PRIOR = "warp-ai/wuerstchen-prior-model-base"  # the documentation: "use v2-base for finetunings"
@@ -26,10 +24,6 @@ DEFAULT_TARGETS = "to_q,to_k,to_v,to_out.0"  # diffusers' LoRA script and peft's
 # Settings that do not change the trained weights: a rerun may change them.
 NOT_COMPARED = ("steps", "checkpoint_every", "validation_prompt", "validation_every", "report_to", "decoder", "force",
                 "device")
-
-
-class ReportedByRankZero(Exception):
-    """A refusal that rank 0 prints; the other processes exit with its code and say nothing."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,25 +138,11 @@ def write_progress(out: Path, *, step: int, finished: bool) -> None:
     write_file_atomically(out / PROGRESS, json.dumps({"step": step, "finished": finished}).encode() + b"\n")
 
 
-def decided_by_rank_zero(decide, rank: int, world: int):
-    """decide() on rank 0, its result on every process; where it refuses (WurstError, OSError), rank 0 raises the
-    refusal and the others ReportedByRankZero, so that a torchrun job says it once and no process waits forever."""
-    if rank == 0:
-        try:
-            verdict = decide()
-        except (WurstError, OSError) as e:
-            verdict = e
-    verdict = share(verdict if rank == 0 else None, rank, world)
-    if isinstance(verdict, BaseException):
-        raise verdict if rank == 0 else ReportedByRankZero()
-    return verdict
-
-
 def check_job(args: argparse.Namespace, rank: int, world: int):
-    """The dataset and the output folder, checked by rank 0: (samples, settings, device, dtype, progress)."""
+    """The dataset and the output folder, checked by rank 0: (samples, settings, dtype, progress)."""
     from wurst.train.data import dataset_fingerprint, read_dataset
 
-    device, dtype = device_and_dtype(args)
+    dtype = device_and_dtype(args)[1]
 
     def decide():
         samples = read_dataset(args.data, args.resolution)
@@ -179,7 +159,7 @@ def check_job(args: argparse.Namespace, rank: int, world: int):
         return samples, settings, progress
 
     samples, settings, progress = decided_by_rank_zero(decide, rank, world)
-    return samples, settings, device, dtype, progress
+    return samples, settings, dtype, progress
 
 
 def read_job(out: Path) -> dict:
@@ -202,44 +182,19 @@ def check_same_job(out: Path, *, theirs: dict, ours: dict) -> None:
 
 def run(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    check_options(args, world)
-    device, _ = device_and_dtype(args)
-    rank, world, device = distributed_setup(device)
-    samples, settings, device, dtype, progress = check_job(args, rank, world)
-    out = Path(args.out)
-    if progress.get("finished") and progress["step"] == args.steps:
-        if rank == 0:
-            print(f"wurst.train: {out} already holds this job, finished at step {args.steps}: nothing to do",
-                  file=sys.stderr)
-        return
-    from wurst.train.loop import train
+    check_options(args, world=rank_and_world()[1])
+    with process_group(device_and_dtype(args)[0]) as (rank, world, device):
+        samples, settings, dtype, progress = check_job(args, rank, world)
+        if progress.get("finished") and progress["step"] == args.steps:
+            if rank == 0:
+                print(f"wurst.train: {args.out} already holds this job, finished at step {args.steps}: nothing to do",
+                      file=sys.stderr)
+            return
+        from wurst.train.loop import train
 
-    train(args, samples=samples, settings=settings, device=device, dtype=dtype, rank=rank, world=world,
-          start_step=progress["step"])
+        train(args, samples=samples, settings=settings, device=device, dtype=dtype, rank=rank, world=world)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    who = f"wurst.train (rank {rank})" if world > 1 else "wurst.train"
-    warnings.showwarning = lambda message, *rest: rank == 0 and print(f"wurst.train: warning: {message}",
-                                                                      file=sys.stderr)
-    try:
-        run(argv)
-    except ReportedByRankZero:
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{who}: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as e:
-        if rank == 0:
-            print(f"wurst.train: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except (WurstError, OSError) as e:
-        if isinstance(e, OSError) and e.strerror:
-            e = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        for line in str(e).splitlines() or [""]:
-            print(f"{who}: error: {line}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    return run_command("wurst.train", run, argv,
+                       interrupted="rerun the same command to resume from the last checkpoint")

@@ -211,11 +211,12 @@ class Trainer:
 
 
 def train(args: argparse.Namespace, *, samples: list[Sample], settings: dict, device: torch.device,
-          dtype: torch.dtype, rank: int, world: int, start_step: int) -> None:
+          dtype: torch.dtype, rank: int, world: int) -> None:
     from tqdm.auto import tqdm
 
+    from wurst.runtime.distributed import decided_by_rank_zero
     from wurst.runtime.memory import check_training_memory
-    from wurst.train.app import decided_by_rank_zero, write_progress
+    from wurst.train.app import write_progress
 
     out = Path(args.out)
     pipe, encoder = load_models(args, device, dtype)
