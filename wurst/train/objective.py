@@ -10,7 +10,9 @@ out:
   classifier-free guidance needs).
 
 Every random number of a sample derives from (seed, step, k), k its place in the step's global batch, so a run
-gives the same result on any number of processes, and a resumed run the same as an uninterrupted one."""
+gives the same result on any number of processes, and a resumed run the same as an uninterrupted one. For the same
+reason the prior trains without the dropout (0.1) that both reference trainers leave on in its MLPs and attention
+outputs; and caption dropout is drawn per sample, where the original drops a whole batch's captions at once."""
 
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ class Objective(nn.Module):
         """(B,) losses of latents (B, 16, h, w) noised with `noise` at times t (B,), given the caption's text states
         `text`, or its tokens where the text encoder is trained."""
         dtype = self.autocast or next(self.prior.parameters()).dtype
+        t = t.to(dtype).float()  # the t the prior sees (in bfloat16, rounded) is the t of the noise and the weight
         cast = (torch.autocast(latents.device.type, dtype=self.autocast) if self.autocast
                 else contextlib.nullcontext())
         with cast:
