@@ -276,3 +276,15 @@ def write_captioned_images(folder: Path, sizes=((128, 128), (128, 128)), seed: i
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"image{i}.png")
         (folder / f"image{i}.txt").write_text(f"a picture of noise number {i}", encoding="utf-8")
     return folder
+
+
+def training_checkpoint(out: Path) -> dict:
+    """The checkpoint.pt of a python -m wurst.train output folder."""
+    return torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same names and, for each, the same values bit for bit."""
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert torch.equal(got[name], expected[name]), name

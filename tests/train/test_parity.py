@@ -16,18 +16,24 @@ import argparse
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from peft import LoraConfig
-from PIL import Image
 from safetensors.torch import load_file
 
 import wurst
-from tests.helpers import PROMPT, parity_bound, relative_error, run_both
+from tests.helpers import (
+    PROMPT,
+    assert_same_tensors,
+    parity_bound,
+    relative_error,
+    run_both,
+    training_checkpoint,
+    write_captioned_images,
+)
 from tests.support import reference
 from wurst.train.app import build_parser, main
 from wurst.train.loop import trainable_objective
@@ -111,18 +117,23 @@ def assert_gradient_parity(ours: dict[str, torch.Tensor], ref32: dict[str, torch
     return sorted(checked, reverse=True)
 
 
-def write_dataset(folder: Path, count: int = 2, seed: int = 0) -> Path:
-    """`count` random-noise 128x128 PNGs, each with a same-name .txt caption."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
-        (folder / f"noise{i}.txt").write_text(f"a field of noise, number {i}", encoding="utf-8")
-    return folder
+def assert_step_matches(objective: Objective, trained: dict[str, torch.nn.Parameter], ref: torch.nn.Module,
+                        batch: dict[str, torch.Tensor], label: str) -> None:
+    """One step's loss and gradients, wurst's objective against diffusers' formulation with `ref` (float32, and a
+    float64 copy for the bound); `trained` is wurst's trained parameters by the reference's names."""
+    ref64 = copy.deepcopy(ref).double()
+    loss = objective(**batch).mean()  # the trainer's step: losses.sum() / batch size, for one process
+    loss.backward()
+    ref_loss, ref_loss64 = diffusers_loss(ref, batch, torch.float32), diffusers_loss(ref64, batch, torch.float64)
+    ref_loss.backward()
+    ref_loss64.backward()
 
-
-def checkpoint(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
+    error, bound = relative_error(loss.detach(), ref_loss.detach()), parity_bound(ref_loss.detach(), ref_loss64)
+    assert error <= bound, (error, bound)
+    ours = {name: p.grad for name, p in trained.items()}
+    worst = assert_gradient_parity(ours, gradients_of(ref), gradients_of(ref64))
+    print(f"{label}: loss error {error:.1e} (bound {bound:.0e}); worst gradient error {worst[0][0]:.1e} "
+          f"({worst[0][2]}, bound {worst[0][1]:.1e})")
 
 
 def saved_prior(out: Path) -> dict[str, torch.Tensor]:
@@ -133,12 +144,6 @@ def saved_prior(out: Path) -> dict[str, torch.Tensor]:
 def as_saved(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint's "prior.<wurst name>" weights under diffusers' names, as the output repository holds them."""
     return {file_name("prior", name.removeprefix("prior.")): tensor for name, tensor in weights.items()}
-
-
-def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()
-    for name in got:
-        assert torch.equal(got[name], expected[name]), name
 
 
 def prior_pipelines(repo: Path):
@@ -164,7 +169,7 @@ def batch():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("data"))
+    return write_captioned_images(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -218,20 +223,7 @@ def test_lora_loss_and_gradients_match_diffusers_with_peft(tiny_prior_repo, batc
             factor.copy_(torch.randn(factor.shape, generator=generator) * 0.3)
             ref_params[names[name]].copy_(factor)
     assert {n for n, p in ref.named_parameters() if p.requires_grad} == set(names.values())
-    ref64 = copy.deepcopy(ref).double()
-
-    loss = objective(**batch).mean()  # the trainer's step: losses.sum() / batch size, for one process
-    loss.backward()
-    ref_loss, ref_loss64 = diffusers_loss(ref, batch, torch.float32), diffusers_loss(ref64, batch, torch.float64)
-    ref_loss.backward()
-    ref_loss64.backward()
-
-    error, bound = relative_error(loss.detach(), ref_loss.detach()), parity_bound(ref_loss.detach(), ref_loss64)
-    assert error <= bound, (error, bound)
-    ours = {names[name]: p.grad for name, p in trained.items()}
-    worst = assert_gradient_parity(ours, gradients_of(ref), gradients_of(ref64))
-    print(f"LoRA {options}: loss error {error:.1e} (bound {bound:.0e}); worst gradient error {worst[0][0]:.1e} "
-          f"({worst[0][2]}, bound {worst[0][1]:.1e})")
+    assert_step_matches(objective, {names[name]: p for name, p in trained.items()}, ref, batch, f"LoRA {options}")
 
 
 def test_full_loss_and_gradients_match_diffusers(tiny_prior_repo, batch):
@@ -239,20 +231,8 @@ def test_full_loss_and_gradients_match_diffusers(tiny_prior_repo, batch):
     assert len(trained) == 48  # every parameter of the tiny prior
     ref = WuerstchenPrior.from_pretrained(tiny_prior_repo, subfolder="prior", torch_dtype=torch.float32)
     ref.requires_grad_(True)
-    ref64 = copy.deepcopy(ref).double()
-
-    loss = objective(**batch).mean()
-    loss.backward()
-    ref_loss, ref_loss64 = diffusers_loss(ref, batch, torch.float32), diffusers_loss(ref64, batch, torch.float64)
-    ref_loss.backward()
-    ref_loss64.backward()
-
-    error, bound = relative_error(loss.detach(), ref_loss.detach()), parity_bound(ref_loss.detach(), ref_loss64)
-    assert error <= bound, (error, bound)
-    ours = {file_name("prior", name.removeprefix("prior.")): p.grad for name, p in trained.items()}
-    worst = assert_gradient_parity(ours, gradients_of(ref), gradients_of(ref64))
-    print(f"full: loss error {error:.1e} (bound {bound:.0e}); worst gradient error {worst[0][0]:.1e} "
-          f"({worst[0][2]}, bound {worst[0][1]:.1e})")
+    assert_step_matches(objective, {file_name("prior", name.removeprefix("prior.")): p for name, p in trained.items()},
+                        ref, batch, "full")
 
 
 @torch.no_grad()
@@ -301,7 +281,7 @@ def test_lora_file_loads_in_diffusers_and_wurst_alike(train, tiny_prior_repo, ba
     """A trained LoRA (alpha 2 x rank, so the file must fold the scale into lora_B) gives diffusers + peft the same
     embeddings as wurst, and both the embeddings of the weights as trained (the trainer's modules, not the file)."""
     options = ["--lora-rank", str(RANK), "--lora-alpha", str(2 * RANK), *(["--train-text-encoder"] * text_encoder)]
-    out = train(*options, "--steps", "3")
+    out = train(*options, "--steps", "6")
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert sum(k.startswith("prior.") for k in lora) == 16
     assert sum(k.startswith("text_encoder.") for k in lora) == (16 if text_encoder else 0)
@@ -316,8 +296,8 @@ def test_lora_file_loads_in_diffusers_and_wurst_alike(train, tiny_prior_repo, ba
     assert effect > EFFECT, effect
 
     _, trained, as_trained = wurst_objective(tiny_prior_repo, *options)
-    state = checkpoint(out)
-    assert state["step"] == 3 and state["trained"].keys() == trained.keys()
+    state = training_checkpoint(out)
+    assert state["step"] == 6 and state["trained"].keys() == trained.keys()
     with torch.no_grad():
         for name, factor in trained.items():
             factor.copy_(state["trained"][name])
@@ -332,13 +312,13 @@ def test_full_output_loads_in_diffusers_and_wurst_alike(full_run, tiny_prior_rep
     """--full writes a prior repository: its prior holds the checkpoint's trained weights (all changed from the
     base), beside the base's text encoder; diffusers' component loaders and wurst give the same embeddings."""
     saved, base = saved_prior(full_run), load_file(tiny_prior_repo / "prior" / "diffusion_pytorch_model.safetensors")
-    state = checkpoint(full_run)
+    state = training_checkpoint(full_run)
     assert state["step"] == 2 and state["ema"] is None
-    assert_same_weights(saved, as_saved(state["trained"]))
+    assert_same_tensors(saved, as_saved(state["trained"]))
     assert saved.keys() == base.keys()
     unchanged = [name for name in saved if torch.equal(saved[name], base[name])]
     assert unchanged == [], unchanged
-    assert_same_weights(load_file(full_run / "prior" / "text_encoder" / "model.safetensors"),
+    assert_same_tensors(load_file(full_run / "prior" / "text_encoder" / "model.safetensors"),
                         load_file(tiny_prior_repo / "text_encoder" / "model.safetensors"))
 
     got, expected = run_both(prior_pipelines(full_run / "prior"), **RUN)
@@ -352,12 +332,12 @@ def test_full_ema_output_is_the_ema_of_the_steps(train, full_run, tiny_prior_rep
     """--ema-decay 0.5 for 2 steps: the EMA starts at the base weights w0 and takes in each step's weights, so the
     output is 0.25 w0 + 0.25 w1 + 0.5 w2, w1 from a run of 1 step; training itself is the run without EMA's."""
     out, first = train("--full", "--steps", "2", "--ema-decay", "0.5"), train("--full", "--steps", "1")
-    state = checkpoint(out)
-    assert_same_weights(state["trained"], checkpoint(full_run)["trained"])  # the EMA does not change training
+    state = training_checkpoint(out)
+    assert_same_tensors(state["trained"], training_checkpoint(full_run)["trained"])  # the EMA does not change training
     saved = saved_prior(out)
-    assert_same_weights(saved, as_saved(state["ema"]))
+    assert_same_tensors(saved, as_saved(state["ema"]))
     w0 = load_file(tiny_prior_repo / "prior" / "diffusion_pytorch_model.safetensors")
-    w1, w2 = as_saved(checkpoint(first)["trained"]), as_saved(state["trained"])
+    w1, w2 = as_saved(training_checkpoint(first)["trained"]), as_saved(state["trained"])
     worst = 0.0
     for name in saved:
         expected = 0.25 * w0[name].double() + 0.25 * w1[name].double() + 0.5 * w2[name].double()
@@ -372,7 +352,7 @@ def test_lora_ema_output_holds_the_ema_factors(train):
     """With a LoRA, the file holds the EMA's factors (lora_B with the alpha / rank scale folded in), not the last
     step's."""
     out = train("--lora-rank", str(RANK), "--lora-alpha", str(2 * RANK), "--steps", "2", "--ema-decay", "0.5")
-    state, lora = checkpoint(out), load_file(out / "pytorch_lora_weights.safetensors")
+    state, lora = training_checkpoint(out), load_file(out / "pytorch_lora_weights.safetensors")
     expected = {}
     for name, factor in state["ema"].items():
         _, peft = peft_name(name)

@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT, assert_one_line_error, files_in, write_captioned_images
+from tests.helpers import (
+    ROOT,
+    assert_one_line_error,
+    assert_same_tensors,
+    files_in,
+    training_checkpoint,
+    write_captioned_images,
+)
 from wurst.train.app import main
 
 # One thread everywhere, as torchrun gives each process: the thread count changes how float sums round.
@@ -49,13 +56,7 @@ def train(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess
 
 
 def trained(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")["trained"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    return training_checkpoint(out)["trained"]
 
 
 def metric_steps(out: Path) -> list[int]:
@@ -93,9 +94,9 @@ def test_sigkill_then_rerun_ends_bit_identical(kill_after, uninterrupted, datase
     assert all(not name.startswith(".") and ".partial" not in name for name in files_in(out))
 
     train(*command(dataset, out, models, *JOB), cwd=tmp_path)
-    assert_same_weights(trained(out), trained(uninterrupted))
-    ema = torch.load(out / "checkpoint.pt", weights_only=True)["ema"]
-    assert_same_weights(ema, torch.load(uninterrupted / "checkpoint.pt", weights_only=True)["ema"])
+    assert_same_tensors(trained(out), trained(uninterrupted))
+    ema = training_checkpoint(out)["ema"]
+    assert_same_tensors(ema, training_checkpoint(uninterrupted)["ema"])
     lora = "pytorch_lora_weights.safetensors"
     assert (out / lora).read_bytes() == (uninterrupted / lora).read_bytes()
     assert metric_steps(out) == list(range(1, 61))
