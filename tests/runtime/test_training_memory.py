@@ -19,7 +19,7 @@ from tests.helpers import RSS_PROBE, assert_one_line_error
 from tools import hub_fixtures
 from wurst.errors import InsufficientMemoryError
 from wurst.pipelines.prior import WuerstchenPriorPipeline
-from wurst.runtime import memory
+from wurst.runtime import memory, training_memory
 from wurst.train.app import build_parser, main
 from wurst.train.data import Sample
 from wurst.train.loop import TEXT_TARGETS, chosen_layers, trainable_objective
@@ -50,9 +50,9 @@ def prior32(tiny_prior_repo):
 
 
 def estimate(pipe, *extra: str, resolution: int = 256, samples=None, device=CUDA, world: int = 1,
-             dtype=torch.float32) -> memory.TrainingEstimate:
+             dtype=torch.float32) -> training_memory.TrainingEstimate:
     args = options(*extra, resolution=resolution)
-    return memory.training_estimate(args, pipe=pipe, samples=samples or square(resolution), device=device,
+    return training_memory.training_estimate(args, pipe=pipe, samples=samples or square(resolution), device=device,
                                     dtype=dtype, world=world)
 
 
@@ -184,14 +184,14 @@ def test_kept_tensors_match_the_constants(extra, resolution, tiny_prior_repo):
     text_lora = chosen_layers("text_encoder", pipe.text_encoder, list(TEXT_TARGETS)) if args.train_text_encoder else {}
     autocast_copies = memory.model_bytes(pipe.prior, dtype) if args.full and dtype != torch.float32 else 0
     cfg, e, side = pipe.prior.config, dtype.itemsize, resolution // 32
-    plan = memory._Plan(full=args.full, checkpointing=False, batch=2, resolution=resolution)
-    per_sample = memory._stage_c_kept(cfg, plan, pixels=side * side, e=e, lora=prior_lora, rank=args.lora_rank)
-    per_sample -= memory.BACKWARD * side * side * cfg.c * e
+    plan = training_memory._Plan(full=args.full, checkpointing=False, batch=2, resolution=resolution)
+    per_sample = training_memory._stage_c_kept(cfg, plan, pixels=side * side, e=e, lora=prior_lora, rank=args.lora_rank)
+    per_sample -= training_memory.BACKWARD * side * side * cfg.c * e
     if text_lora:
-        per_sample += memory._text_encoder_kept(pipe.text_encoder.config, text_lora, rank=args.lora_rank, e=e)
+        per_sample += training_memory._text_encoder_kept(pipe.text_encoder.config, text_lora, rank=args.lora_rank, e=e)
     # The whole estimate is that, plus the backward's working set, plus autocast's weight copies (--full bfloat16).
-    working = 2 * memory.BACKWARD * side * side * cfg.c * e
-    assert memory.training_estimate(args, pipe=pipe, samples=square(resolution), device=CUDA, dtype=dtype,
+    working = 2 * training_memory.BACKWARD * side * side * cfg.c * e
+    assert training_memory.training_estimate(args, pipe=pipe, samples=square(resolution), device=CUDA, dtype=dtype,
                                     world=1).activations == 2 * per_sample + working + autocast_copies
 
     objective, _ = trainable_objective(args, pipe, dtype)
@@ -217,7 +217,7 @@ def fake_memory(monkeypatch, available) -> None:
 
 def check(pipe, *extra: str, resolution: int = 256, device=CPU, world: int = 1):
     args = options(*extra, resolution=resolution)
-    return memory.check_training_memory(args, pipe=pipe, samples=square(resolution), device=device,
+    return training_memory.check_training_memory(args, pipe=pipe, samples=square(resolution), device=device,
                                         dtype=torch.float32, world=world)
 
 
@@ -362,7 +362,7 @@ import json, sys
 from pathlib import Path
 import torch
 from wurst.pipelines.prior import WuerstchenPriorPipeline
-from wurst.runtime import memory
+from wurst.runtime import memory, training_memory
 from wurst.train.app import build_parser
 from wurst.train.cache import text_states
 from wurst.train.data import Sample
@@ -373,7 +373,8 @@ dtype = getattr(torch, args.dtype)
 pipe = WuerstchenPriorPipeline.from_pretrained(sys.argv[1], torch_dtype=dtype)
 side = args.resolution
 samples = [Sample(index=0, image=Path("x.png"), caption="c", height=side, width=side)]
-estimate = memory.training_estimate(args, pipe=pipe, samples=samples, device=torch.device("cpu"), dtype=dtype, world=1)
+estimate = training_memory.training_estimate(args, pipe=pipe, samples=samples, device=torch.device("cpu"),
+                                             dtype=dtype, world=1)
 Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: loading's own transient left out
 before = rss("VmRSS")
 with torch.no_grad():  # the trainer encodes the captions first

@@ -215,7 +215,7 @@ def train(args: argparse.Namespace, *, samples: list[Sample], settings: dict, de
     from tqdm.auto import tqdm
 
     from wurst.runtime.distributed import decided_by_rank_zero
-    from wurst.runtime.memory import check_training_memory
+    from wurst.runtime.training_memory import check_training_memory
     from wurst.train.app import write_progress
 
     out = Path(args.out)
