@@ -185,7 +185,9 @@ def training_estimate(args, *, pipe, samples, device: torch.device, dtype: torch
     latent = _largest_latent(samples, plan.resolution, args.resolution)
     e = torch.empty((), dtype=dtype).element_size()
     loaded = torch.float32 if plan.full else dtype  # --full loads the prior pipeline in float32
-    weights = model_bytes(pipe.prior, loaded) + model_bytes(pipe.text_encoder, loaded)
+    # A text encoder that is not trained is loaded only while it fills the cache, before the prior's first step.
+    weights = model_bytes(pipe.prior, loaded) + (model_bytes(pipe.text_encoder, loaded) if args.train_text_encoder
+                                                 else 0)
     prior_lora, text_lora = {}, {}
     if plan.full:
         trained = sum(p.numel() for p in pipe.prior.parameters() if p.is_floating_point())
@@ -228,7 +230,8 @@ def check_training_memory(args, *, pipe, samples, device: torch.device, dtype: t
     if have is None:
         return None
     if device.type != "cpu":
-        have += sum(model_bytes(m, next(m.parameters()).dtype) for m in (pipe.prior, pipe.text_encoder))
+        counted = (pipe.prior, pipe.text_encoder) if args.train_text_encoder else (pipe.prior,)  # as the weights
+        have += sum(model_bytes(m, next(m.parameters()).dtype) for m in counted)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1
 
     asked = _Plan(args.full, args.gradient_checkpointing, args.batch_size, args.resolution)

@@ -11,9 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from wurst.models.tokenizer import CLIPTokenizer
 from wurst.train.data import Sample, load_pixels
 from wurst.train.objective import image_latent
 from wurst.weights.converted import save_weights
@@ -50,9 +48,3 @@ class EncodedCache:
         """A sample's text states, or the empty caption's for None."""
         return read_safetensors(self.path(EMPTY_CAPTION if index is None else f"{index:06d}"))["text"]
 
-
-def text_states(tokenizer: CLIPTokenizer, text_encoder: nn.Module, captions: list[str], *,
-                device: torch.device) -> torch.Tensor:
-    """The full last_hidden_state of each caption (padding included), as the prior pipeline computes it."""
-    ids, mask = tokenizer(captions)
-    return text_encoder(ids.to(device), mask.to(device))

@@ -19,7 +19,7 @@ from torch import nn
 from wurst.batch.folder import start_folder
 from wurst.models.lora import attach_trainable_lora, lora_layers
 from wurst.train import outputs
-from wurst.train.cache import EncodedCache, text_states
+from wurst.train.cache import EncodedCache
 from wurst.train.checkpoint import Metrics, load_checkpoint, save_checkpoint
 from wurst.train.data import Sample
 from wurst.train.objective import RECIPES, Objective, draw
@@ -55,11 +55,16 @@ def lora_targets(args: argparse.Namespace) -> list[str]:
 
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The prior pipeline (tokenizer, text encoder, prior, scheduler) and the image encoder. With --full the prior
-    pipeline is in float32, the trained weights' dtype."""
+    pipeline is in float32, the trained weights' dtype. A text encoder that is not trained runs only to fill the
+    cache (and for validation images and a --full output's repository): it is loaded only while it runs."""
     from wurst.pipelines.prior import WuerstchenPriorPipeline
     from wurst.weights.image_encoder import choose_image_encoder
+    from wurst.weights.repository import read_repository
 
-    pipe = WuerstchenPriorPipeline.from_pretrained(args.prior, torch_dtype=torch.float32 if args.full else dtype)
+    loaded = torch.float32 if args.full else dtype
+    prior = read_repository(args.prior, "prior").load("prior", dtype=loaded, device="cpu")
+    pipe = WuerstchenPriorPipeline.from_pretrained(args.prior, torch_dtype=loaded, prior=prior,
+                                                   low_memory=not args.train_text_encoder)
     pipe.set_progress_bar_config(disable=True)
     encoder = choose_image_encoder(args.image_encoder, prior=args.prior, dtype=dtype)
     return pipe.to(device), encoder.to(device)
@@ -94,19 +99,19 @@ def fill_cache(cache: EncodedCache, samples: list[Sample], *, pipe, encoder, dev
                world: int) -> None:
     from tqdm.auto import tqdm
 
-    @torch.no_grad()
-    def encode_image(pixels: torch.Tensor) -> torch.Tensor:
-        return encoder(pixels.to(device, dtype))
-
-    @torch.no_grad()
-    def encode_text(captions: list[str]) -> torch.Tensor:
-        return text_states(pipe.tokenizer, pipe.text_encoder, captions, device=device)
-
     def progress(items):
         return tqdm(items, desc="encoding the dataset", unit="image", disable=rank != 0 or not items)
 
-    cache.fill(samples, rank=rank, world=world, encode_image=encode_image, encode_text=encode_text,
-               progress=progress)
+    # The text encoder is loaded once for all captions (and only here, unless it is trained: see load_models).
+    uses_text = cache.with_text and any(not cache.path(f"{s.index:06d}").exists() for s in samples)
+    running = pipe.placement.running("text_encoder") if uses_text else contextlib.nullcontext()
+    with running as text_encoder, torch.no_grad():
+        def encode_text(captions: list[str]) -> torch.Tensor:
+            ids, mask = pipe.tokenizer(captions)
+            return text_encoder(ids.to(device), mask.to(device))
+
+        cache.fill(samples, rank=rank, world=world, encode_image=lambda pixels: encoder(pixels.to(device, dtype)),
+                   encode_text=encode_text, progress=progress)
     if world > 1:
         dist.barrier()
 
