@@ -362,17 +362,15 @@ MEASURE = RSS_PROBE + """
 import json, sys
 from pathlib import Path
 import torch
-from wurst.pipelines.prior import WuerstchenPriorPipeline
-from wurst.runtime import memory, training_memory
+from wurst.runtime import training_memory
 from wurst.train.app import build_parser
 from wurst.train.data import Sample
-from wurst.train.loop import trainable_objective
-from wurst.weights.repository import read_repository
+from wurst.train.loop import load_prior_pipeline, trainable_objective
 torch.set_num_threads(2)
 args = build_parser().parse_args(["data", "--out", "out", *sys.argv[2:]])
 dtype = getattr(torch, args.dtype)
-prior = read_repository(sys.argv[1], "prior").load("prior", dtype=dtype, device="cpu")
-pipe = WuerstchenPriorPipeline.from_pretrained(sys.argv[1], torch_dtype=dtype, prior=prior, low_memory=True)
+args.prior = sys.argv[1]
+pipe = load_prior_pipeline(args, torch.device("cpu"), dtype)
 side = args.resolution
 samples = [Sample(index=0, image=Path("x.png"), caption="c", height=side, width=side)]
 estimate = training_memory.training_estimate(args, pipe=pipe, samples=samples, device=torch.device("cpu"),

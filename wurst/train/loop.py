@@ -53,12 +53,11 @@ def lora_targets(args: argparse.Namespace) -> list[str]:
     return [t.strip() for t in args.lora_targets.split(",") if t.strip()]
 
 
-def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """The prior pipeline (tokenizer, text encoder, prior, scheduler) and the image encoder. With --full the prior
-    pipeline is in float32, the trained weights' dtype. A text encoder that is not trained runs only to fill the
-    cache (and for validation images and a --full output's repository): it is loaded only while it runs."""
+def load_prior_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The prior pipeline (tokenizer, text encoder, prior, scheduler) the run trains: in float32 with --full, the
+    trained weights' dtype. A text encoder that is not trained runs only to fill the cache (and for validation
+    images and a --full output's repository): it is loaded only while it runs."""
     from wurst.pipelines.prior import WuerstchenPriorPipeline
-    from wurst.weights.image_encoder import choose_image_encoder
     from wurst.weights.repository import read_repository
 
     loaded = torch.float32 if args.full else dtype
@@ -66,8 +65,15 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     pipe = WuerstchenPriorPipeline.from_pretrained(args.prior, torch_dtype=loaded, prior=prior,
                                                    low_memory=not args.train_text_encoder)
     pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The prior pipeline and Stage C's image encoder."""
+    from wurst.weights.image_encoder import choose_image_encoder
+
     encoder = choose_image_encoder(args.image_encoder, prior=args.prior, dtype=dtype)
-    return pipe.to(device), encoder.to(device)
+    return load_prior_pipeline(args, device, dtype), encoder.to(device)
 
 
 def trainable_objective(args: argparse.Namespace, pipe,
