@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="the frozen weights' dtype and, with --full, "
                    "the compute dtype (autocast); trained weights stay float32 (default as in python -m wurst)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
-                   "pass: less memory, about a third more time")
+                   "pass: less memory, more time")
     p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the trained weights with this decay "
                    "per step, and write it as the output")
     p.add_argument("--validation-prompt", action="append", default=[], help="draw an image of this prompt every "
