@@ -39,7 +39,7 @@ def make_lora(pipe, rank: int, all_layers: bool) -> dict:
         for name, layer in lora_layers(getattr(pipe, component)).items():
             if not all_layers and not (name.startswith("blocks.") and name.endswith(SCRIPT_TARGETS)):
                 continue
-            file_name = key_map.to_checkpoint(f"{name}.weight").removesuffix(".weight")
+            file_name = key_map.checkpoint_layer(name)
             state[f"{component}.{file_name}.lora_A.weight"] = torch.randn(rank, layer.in_features,
                                                                           generator=generator) * 0.01
             state[f"{component}.{file_name}.lora_B.weight"] = torch.randn(layer.out_features, rank,

@@ -77,7 +77,7 @@ def peft_name(trained_name: str) -> tuple[str, str]:
     """("prior", "blocks.2.attention.to_q.lora_A.default.weight") for "prior.blocks.2.q_proj.lora.down"."""
     component, name = trained_name.split(".", 1)
     layer, factor = name.rsplit(".lora.", 1)
-    module = file_name(component, f"{layer}.weight").removesuffix(".weight")
+    module = COMPONENTS[component].key_map.checkpoint_layer(layer)
     return component, f"{module}.lora_{'A' if factor == 'down' else 'B'}.default.weight"
 
 

@@ -107,10 +107,6 @@ class TrainableLora(nn.Module):
         low = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up) * self.scale
         return y + low.to(y.dtype)
 
-    def factors(self) -> LoraFactors:
-        """The trained factors, detached, with the scale folded into `up`: what a LoRA file holds."""
-        return LoraFactors(down=self.down.detach().clone(), up=(self.up.detach() * self.scale), scale=1.0)
-
 
 def attach_trainable_lora(layers: dict[str, Linear], *, rank: int, alpha: float) -> dict[str, TrainableLora]:
     """A fresh TrainableLora on each of `layers` (by module name), on the layer's device; returns them by name."""

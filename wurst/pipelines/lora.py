@@ -17,8 +17,7 @@ from torch import nn
 
 from wurst.errors import ArgumentError, NumericalError
 from wurst.models.lora import LayerLora, LoraFactors, apply_lora
-from wurst.weights.lora_files import parse_lora, read_lora, write_lora
-from wurst.weights.spec import COMPONENTS as SPECS
+from wurst.weights.lora_files import parse_lora, peft_state_dict, read_lora, write_lora
 
 COMPONENTS = ("prior", "text_encoder")  # diffusers' _lora_loadable_modules of the prior pipeline
 ALIASES = {"unet": "prior"}  # diffusers' generic name for the denoiser, the default of its fuse_lora
@@ -179,12 +178,7 @@ class LoraLoaderMixin:
         result = {}
         for component, argument in (("prior", "unet_lora_layers"), ("text_encoder", "text_encoder_lora_layers")):
             layers = self._adapters.layers[adapter_name].get(component)
-            key_map = SPECS[component].key_map
-            result[argument] = None if not layers else {
-                f"{key_map.to_checkpoint(f'{name}.weight').removesuffix('.weight')}.lora_{part}.weight": tensor
-                for name, factors in layers.items()
-                for part, tensor in (("A", factors.down), ("B", factors.up * factors.scale))
-            }
+            result[argument] = peft_state_dict(component, layers) if layers else None
         return result
 
     # -- which adapters apply ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def chosen_layers(component: str, model: nn.Module, targets: list[str]) -> dict:
 
     key_map = COMPONENTS[component].key_map
     layers = lora_layers(model)
-    names = {name: key_map.to_checkpoint(f"{name}.weight").removesuffix(".weight") for name in layers}
+    names = {name: key_map.checkpoint_layer(name) for name in layers}
     if targets == ["all"]:
         return layers
     chosen = {name: layers[name] for name, file_name in names.items()

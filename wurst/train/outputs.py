@@ -15,28 +15,20 @@ import torch
 from torch import nn
 
 from wurst.files import png_metadata, write_png_atomically
-from wurst.models.lora import TrainableLora
-from wurst.weights.spec import COMPONENTS
+from wurst.models.lora import LoraFactors, TrainableLora
+from wurst.weights.lora_files import peft_state_dict
 
 PRIOR_FOLDER, VALIDATION_FOLDER = "prior", "validation"
 
 
-def lora_layers_by_file_name(component: str, model: nn.Module,
-                             weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The trained LoRAs of one model as a peft-style state dict under diffusers' module names: `<module>.lora_A.weight`
-    (down) and `<module>.lora_B.weight` (up times the scale). `weights` (parameter name -> tensor, the EMA's) replaces
-    the factors' current values where given."""
-    key_map = COMPONENTS[component].key_map
-    state = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, TrainableLora):
-            continue
-        layer = name.removesuffix(".lora")
-        down, up = (weights or {}).get(f"{name}.down", module.down), (weights or {}).get(f"{name}.up", module.up)
-        file_name = key_map.to_checkpoint(f"{layer}.weight").removesuffix(".weight")
-        state[f"{file_name}.lora_A.weight"] = down.detach().float().cpu().contiguous()
-        state[f"{file_name}.lora_B.weight"] = (up.detach().float() * module.scale).cpu().contiguous()
-    return state
+def trained_factors(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, LoraFactors]:
+    """The LoRAs trained on `model`, by layer name, as float32 factors on the CPU. `weights` (parameter name ->
+    tensor, the EMA's) replaces the factors' current values where given."""
+    weights = weights or {}
+    return {name.removesuffix(".lora"): LoraFactors(
+                down=weights.get(f"{name}.down", module.down).detach().float().cpu().contiguous(),
+                up=weights.get(f"{name}.up", module.up).detach().float().cpu().contiguous(), scale=module.scale)
+            for name, module in model.named_modules() if isinstance(module, TrainableLora)}
 
 
 def write_lora_output(out: Path, *, prior: nn.Module, text_encoder: nn.Module | None,
@@ -47,7 +39,7 @@ def write_lora_output(out: Path, *, prior: nn.Module, text_encoder: nn.Module | 
         if model is None:
             return None
         weights = {k.removeprefix(prefix): v for k, v in ema.items() if k.startswith(prefix)} if ema else None
-        return lora_layers_by_file_name(prefix.rstrip("."), model, weights) or None
+        return peft_state_dict(prefix.rstrip("."), trained_factors(model, weights)) or None
 
     WuerstchenPriorPipeline.save_lora_weights(out, unet_lora_layers=part("prior.", prior),
                                               text_encoder_lora_layers=part("text_encoder.", text_encoder))

@@ -44,6 +44,10 @@ class KeyMap:
     def to_checkpoint(self, module_name: str) -> str:
         return self._apply(self._backward, module_name) or module_name
 
+    def checkpoint_layer(self, module_name: str) -> str:
+        """The checkpoint's name of a layer (its weight's, less `.weight`): the name LoRA files give it."""
+        return self.to_checkpoint(f"{module_name}.weight").removesuffix(".weight")
+
     def ignored(self, checkpoint_name: str) -> bool:
         return any(r.match(self._with_prefix(checkpoint_name)) for r in self._ignore)
 

@@ -142,7 +142,7 @@ def targets(component: str, config) -> Targets:
     shapes = {name: (m.in_features, m.out_features) for name, m in lora_layers(model).items()}
     by_file_name = {}
     for name in shapes:
-        file_name = key_map.to_checkpoint(f"{name}.weight").removesuffix(".weight")
+        file_name = key_map.checkpoint_layer(name)
         by_file_name[file_name] = name
         if key_map.prefix:
             by_file_name[file_name.removeprefix(key_map.prefix)] = name
@@ -268,6 +268,16 @@ def _scale(lora: LoraFile, roles: dict, component: str, key: str, rank: int) -> 
 
 # ---------------------------------------------------------------------------------------------------------
 # Writing
+
+
+def peft_state_dict(component: str, layers: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
+    """One component's LoRA factors (by module name) as a peft-style state dict under diffusers' module names,
+    `<layer>.lora_A.weight` (down) and `<layer>.lora_B.weight` (up, the scale folded in): what save_lora_weights
+    takes."""
+    key_map = COMPONENTS[component].key_map
+    return {f"{key_map.checkpoint_layer(name)}.lora_{part}.weight": tensor
+            for name, factors in layers.items()
+            for part, tensor in (("A", factors.down), ("B", factors.up * factors.scale))}
 
 
 def write_lora(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], *, weight_name: str | None = None,
