@@ -272,6 +272,49 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+# torchrun runs this in place of `-m wurst.batch`: rank 0 is held back after loading until rank 1 starts its first
+# group (or for HOLD seconds, if rank 1 waits for rank 0), and rank 1 notes whether job.json was there by then.
+RANK_ZERO_LOADS_LAST = """
+import os, sys, time
+from pathlib import Path
+from wurst.batch import app
+
+rank, hold = int(os.environ["RANK"]), float(sys.argv.pop(1))
+note = Path(sys.argv[sys.argv.index("--out") + 1]).parent / "job-json-when-rank-1-rendered"
+load_for, render = app.load_for, app.render
+
+def held_load_for(*args, **kwargs):
+    pipe = load_for(*args, **kwargs)
+    deadline = time.monotonic() + hold
+    while rank == 0 and not note.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pipe
+
+def noted_render(pipe, job, group, journal):
+    if rank == 1 and not note.exists():
+        note.write_text("there" if (job.out / "job.json").exists() else "missing")
+    render(pipe, job, group, journal)
+
+app.load_for, app.render = held_load_for, noted_render
+sys.exit(app.main(sys.argv[1:]))
+"""
+
+
+def test_no_process_writes_an_image_before_job_json(uninterrupted, tmp_path):
+    """With rank 0 the last to finish loading, rank 1 still starts only once job.json is written: a job stopped
+    before that would leave images without it, a folder that no rerun accepts (a first run on a cold page cache
+    once made rank 0 that slow)."""
+    prompts, repos, expected = uninterrupted
+    wrapper = tmp_path / "rank_zero_loads_last.py"
+    wrapper.write_text(RANK_ZERO_LOADS_LAST)
+    command = batch_command(prompts, tmp_path / "out", repos, 2)
+    command[command.index("-m"):command.index("wurst.batch") + 1] = [str(wrapper), "15"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "job-json-when-rank-1-rendered").read_text() == "there"
+    assert contents(tmp_path / "out") == expected
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigkill_then_rerun_ends_byte_identical(processes, uninterrupted, tmp_path):
     """Kill a worker the moment its first record is written (the other worker, if any, mid-batch), check that

@@ -186,11 +186,12 @@ def run(argv: list[str]) -> None:
         pipe = load_for(job, pending, device) if pending else None  # a finished job loads nothing
         for warning in size_warnings:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        # job.json before any process writes an image: a folder of images without it is refused, so a job stopped
+        # while rank 0 was still loading could not be resumed. The other processes wait here for rank 0.
+        decided_by_rank_zero(lambda: start_folder(job.out, job.settings), rank, world)
         if rank == 0:
-            start_folder(job.out, job.settings)
             left = sum(len(job.groups[n]) for n in pending)
             progress = Progress(job.out, job.images, len(job.images) - left, poll=world > 1)
-        (job.out / JOURNALS).mkdir(parents=True, exist_ok=True)  # whichever process comes first
         journal = Journal(job.out / JOURNALS / f"rank-{rank}.jsonl")
         for number in pending[rank::world]:
             render(pipe, job, job.groups[number], journal)
