@@ -19,7 +19,8 @@ and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and
 this machine's matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
 generation time, over the rate of a 2048x2048 matmul in the row's dtype measured here, through torch.mm or
 oneDNN's linear, whichever is faster; the FLOPs come from 1- and 2-step runs at the same size, extrapolated per
-step, since every step has the same shapes). Same thread count for both sides. For wurst in bfloat16 the cast
+step, since every step has the same shapes); a second table gives that fraction per stage (its FLOPs over its
+time), so that a regression shows where it happened. Same thread count for both sides. For wurst in bfloat16 the cast
 copies of the float32 files ($WURST_CACHE/bfloat16) are made before the timed runs, as a user's first run makes
 them once; the time that took is printed. diffusers and transformers come from the test extras (`make install`).
 """
@@ -230,8 +231,9 @@ def main() -> None:
         counts = run_worker(args, "wurst", flops=True)
         n_prior = args.prior_steps or 29
         per_stage = {"prior": n_prior, "decoder": args.steps, "stage_a": 1}
-        flops = sum(counts[f"{stage}_1"] + (n - 1) * (counts[f"{stage}_2"] - counts[f"{stage}_1"])
-                    for stage, n in per_stage.items())
+        stage_flops = {stage: counts[f"{stage}_1"] + (n - 1) * (counts[f"{stage}_2"] - counts[f"{stage}_1"])
+                       for stage, n in per_stage.items()}
+        flops = sum(stage_flops.values())
     rates = {dtype: matmul_gflops(args.threads, dtype) for dtype in dtypes}
 
     prior_steps = args.prior_steps or "29 (DEFAULT_STAGE_C_TIMESTEPS)"
@@ -256,6 +258,18 @@ def main() -> None:
         for ref in [("diffusers", d) for d in dtypes if ("diffusers", d) in totals and impl != "diffusers"]:
             print(f"{impl} {dtype} / diffusers {ref[1]}: total time {totals[impl, dtype] / totals[ref]:.2f}, "
                   f"peak RSS {peaks[impl, dtype] / peaks[ref]:.2f}")
+    if flops:  # where a regression happened: each stage's FLOPs over its own median time
+        generation_stages = STAGES[1:]
+        print("\nshare of the matmul rate per stage (its FLOPs: "
+              + ", ".join(f"{stage} {stage_flops[stage] / 1e12:.2f} TFLOP" for stage in generation_stages) + ")\n")
+        print("| | dtype | " + " | ".join(generation_stages) + " |")
+        print("|---" * (len(generation_stages) + 2) + "|")
+        for (impl, dtype), runs in results.items():
+            rate = rates[dtype] * 1e9
+            cells = [f"{stage_flops[stage] / statistics.median(r[stage] for r in runs) / rate:.0%}"
+                     for stage in generation_stages]
+            print(f"| {impl} | {dtype} | " + " | ".join(cells) + " |")
+        print()
     sums = {f"{impl} {dtype}": sorted({round(r["checksum"], 1) for r in runs})
             for (impl, dtype), runs in results.items()}
     print(f"image checksums: {sums}")
