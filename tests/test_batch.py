@@ -273,7 +273,8 @@ def children(pid: int) -> list[int]:
 
 
 # torchrun runs this in place of `-m wurst.batch`: rank 0 is held back after loading until rank 1 starts its first
-# group (or for HOLD seconds, if rank 1 waits for rank 0), and rank 1 notes whether job.json was there by then.
+# group (or for at most the seconds of its first argument, if rank 1 waits for rank 0), and rank 1 notes whether
+# job.json was there by then.
 RANK_ZERO_LOADS_LAST = """
 import os, sys, time
 from pathlib import Path
