@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -128,8 +129,16 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
 
         wurst.models.blocks._ONEDNN_DTYPES = frozenset()  # the counter knows aten's matmuls, not oneDNN's (same FLOPs)
 
+        def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            *batch, queries, width = query_shape
+            return 2 * math.prod(batch) * queries * key_shape[-2] * (width + value_shape[-1])
+
+        # SDPA on the CPU (wurst's float32 attention, diffusers' in every dtype) runs as an operator the counter has
+        # no formula for, so without this its two matmuls would not count (issue 27's first figures missed them).
+        cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops}
+
         def counted(run, *args):
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
                 out = run(*args)
             return out, counter.get_total_flops()
 

@@ -215,6 +215,26 @@ def test_resblock_with_a_skip_is_diffusers_stage_b_resblock(c_skip):
     assert_parity(ours, ref, (x, skip))
 
 
+@pytest.mark.parametrize("c_unet", [0, 8], ids=["injection-only", "unet-skip-too"])
+def test_resblock_with_a_fixed_term_is_diffusers_stage_b_resblock(c_unet):
+    """Stage B's path: the skip's last channels (the injected embedding) go through mlp_in once, as a fixed
+    term, and each call passes only the channels before them. Same result as diffusers' block on the whole skip."""
+    ref = random_reference(ResBlockStageB(16, c_skip=c_unet + 24), 16)
+    ours = with_weights_of(ResBlock(16, c_skip=c_unet + 24), ref, RESBLOCK_TABLE)
+    x, unet, fixed = randn(2, 16, 4, 6, seed=17), randn(2, c_unet, 4, 6, seed=18), randn(2, 24, 4, 6, seed=19)
+    with torch.no_grad():
+        fixed_term = ours.fixed_skip_term(fixed)
+    assert_parity(lambda x, skip: ours(x, skip[:, :c_unet] if c_unet else None, fixed_term), ref,
+                  (x, torch.cat([unet, fixed], dim=1)))
+
+
+def test_forward_leading_refuses_an_unfused_lora():
+    layer = Linear(8, 4)
+    layer.lora = object()
+    with pytest.raises(NotImplementedError, match="LoRA"):
+        layer.forward_leading(torch.zeros(1, 5), torch.zeros(1, 4))
+
+
 def test_timestep_block_is_diffusers_timestep_block():
     ref = random_reference(common.TimestepBlock(16, 24), 15)
     ours = with_weights_of(TimestepBlock(16, 24), ref, {"mapper": "mapper"})

@@ -130,10 +130,12 @@ def documented_stages(resident, *, height, width, images=1, prior_guidance=4.0, 
     widest, kept = 0, 0
     for level, c_level in enumerate(b["c_hidden"]):
         pixels = (h // 2**level) * (w // 2**level)
-        injected = b["c_cond"] if b["inject_effnet"][level] else 0
-        # a ResBlock of the up path, with the skip (and injection) it concatenates
-        widest = max(widest, decoder_batch * pixels * (RESBLOCK * c_level + c_level + injected) * F32)
-        kept += decoder_batch * pixels * (c_level + 2 * injected) * F32  # the skip and the two injections
+        # a ResBlock of the up path, with the U-Net skip it concatenates
+        widest = max(widest, decoder_batch * pixels * (RESBLOCK * c_level + c_level) * F32)
+        kept += decoder_batch * pixels * c_level * F32  # the skip
+        if b["inject_effnet"][level]:  # every ResBlock's 4c-wide mlp_in term of the injected embedding, kept all run
+            resblocks = 2 * b["blocks"][level] * b["level_config"][level].count("C")
+            kept += resblocks * decoder_batch * pixels * 4 * c_level * F32
         attention_blocks = 2 * b["blocks"][level] * b["level_config"][level].count("A")  # down and up
         kept += attention_blocks * 2 * decoder_batch * TOKENS * c_level * F32
     a = decoder_cfg["vqgan"]
@@ -182,10 +184,11 @@ def test_estimate_at_256x256_by_hand(lean, resident):
         "prior text encoder": 2 * 77 * (8 * 32 + 64) * 4,  # guided: prompt and negative prompt
         "Stage C": 10 * 2 * 36 * 32 * 4 + 2 * 2 * 2 * 77 * 32 * 4,  # guided: batch 2; two blocks' keys and values
         "decoder text encoder": 1 * 77 * (8 * 24 + 48) * 4,
-        # widest: level 0 (32x32 after the 2x2 patches, width 16); kept: each level's skip and injections, and the
-        # keys and values of levels 1-3's 2, 4 and 2 attention blocks (down and up)
-        "Stage B": 1024 * (10 * 16 + 16) * 4 + (1024 * 16 + 256 * 96 + 64 * 96 + 16 * 96) * 4
-        + (2 + 4 + 2) * 2 * 77 * 32 * 4,
+        # widest: level 0 (32x32 after the 2x2 patches, width 16); kept: each level's skip; the 128-wide mlp_in
+        # terms of the injected embedding of levels 1-3's 2, 4 and 2 ResBlocks (down and up) at 16x16, 8x8 and 4x4;
+        # and the keys and values of their 2, 4 and 2 attention blocks
+        "Stage B": 1024 * (10 * 16 + 16) * 4 + (1024 * 16 + 256 * 32 + 64 * 32 + 16 * 32) * 4
+        + (2 * 256 + 4 * 64 + 2 * 16) * 128 * 4 + (2 + 4 + 2) * 2 * 77 * 32 * 4,
         "Stage A": 8 * 8 * 64 * 64 * 4 * 4 + 3 * 3 * 256 * 256 * 4,  # the 8-wide level at 128x128; the image
     }
     activations = {name: a for name, (_, a) in estimated(lean, height=256, width=256).items()}

@@ -59,6 +59,21 @@ class Linear(nn.Linear):
         y = self.lora.add_to(y, x)
         return F.gelu(y) if self.gelu else y
 
+    def fixed_input_term(self, fixed: torch.Tensor) -> torch.Tensor:
+        """The bias plus the weight's last k columns applied to `fixed`, whose k = fixed.shape[-1] features end
+        this layer's input at every call: computed once, it lets `forward_leading` run the other features only."""
+        return F.linear(fixed, self.weight[:, -fixed.shape[-1]:], self.bias)
+
+    def forward_leading(self, x: torch.Tensor, fixed_term: torch.Tensor) -> torch.Tensor:
+        """forward(cat([x, fixed], dim=-1)) given fixed_term = fixed_input_term(fixed): one matmul over x's
+        features, accumulated onto the fixed term. A column slice of the weight is a strided view that the
+        matmul reads in place, as fast as a copy of it."""
+        if self.lora is not None:  # its low-rank term would need the whole input; LoRAs adapt Stage C only
+            raise NotImplementedError("forward_leading does not take an unfused LoRA")
+        weight = self.weight[:, : x.shape[-1]]
+        y = torch.addmm(fixed_term.flatten(0, -2), x.flatten(0, -2), weight.t()).view(fixed_term.shape)
+        return F.gelu(y) if self.gelu else y
+
 
 def channel_norm(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the channels of an NCHW tensor, without affine parameters (eps 1e-6). The models keep
@@ -100,11 +115,20 @@ class ResBlock(nn.Module):
         self.grn = GlobalResponseNorm(4 * c)
         self.mlp_out = Linear(4 * c, c)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def fixed_skip_term(self, fixed: torch.Tensor) -> torch.Tensor:
+        """mlp_in's share of the last channels of the skip, `fixed` (NCHW), where they are the same at every
+        denoising step (Stage B's injected Stage C embedding). Computed once per generation and passed to
+        `forward` as `fixed_term`, with `skip` then holding only the channels before them (or None); Stage B's
+        ResBlocks spend 18% of its FLOPs on that share."""
+        return self.mlp_in.fixed_input_term(fixed.permute(0, 2, 3, 1))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
+                fixed_term: torch.Tensor | None = None) -> torch.Tensor:
         h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6)  # (B, H, W, C)
         if skip is not None:
             h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
-        h = self.mlp_out(self.grn(self.mlp_in(h)))  # mlp_in ends in GELU
+        h = self.mlp_in(h) if fixed_term is None else self.mlp_in.forward_leading(h, fixed_term)  # ends in GELU
+        h = self.mlp_out(self.grn(h))
         return x + h.permute(0, 3, 1, 2)
 
 
@@ -160,7 +184,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """softmax(q kᵀ / √d) v for (B, heads, N, d) queries and (B, heads, M, d) keys and values.
 
     In bfloat16 on the CPU, a block of queries (and, where a head's whole logits are small, several heads) at a
-    time, with the block's logits (at most about 8 MB) in bfloat16 in one buffer reused by every block: at these
+    time, with the block's logits (at most about 4 MB) in bfloat16 in one buffer reused by every block: at these
     models' shapes this runs 2-3x faster than SDPA's fused CPU kernel (100-150 GFLOP/s there, 310-430 here,
     where the two matmuls run near the bfloat16 matmul rate; fresh logits for every block made it 25-40%
     slower). The fused kernel keeps the logits in float32; rounding them to bfloat16 costs 2^-9 of their
@@ -172,7 +196,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return F.scaled_dot_product_attention(q, k, v)
     b, heads, n, d = q.shape
     m = k.shape[2]
-    budget = 1 << 22  # logits per block
+    budget = 1 << 21  # logits per block (4 MB): 7-14% faster than 8 MB at the models' shapes (docs/perf-notes.md)
     rows = min(n, max(256, budget // m))
     heads_per_block = max(1, budget // (n * m)) if rows == n else 1
     out = torch.empty(b, heads, n, d, dtype=q.dtype)

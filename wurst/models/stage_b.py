@@ -126,24 +126,28 @@ class StageB(nn.Module):
         self, effnet: torch.Tensor, text: torch.Tensor | None, latent_size: tuple[int, int]
     ) -> StageBConditioning:
         """Everything the denoising steps share: the Stage C embedding resized (bicubic, antialiased, corners
-        aligned, always in fp32) and projected for every injecting level, and the text keys and values of every
-        attention block. effnet: (B, effnet_embd, h, w); text: (B, L, clip_embd) CLIP-H states."""
+        aligned, always in fp32), projected for every injecting level and taken through the part of each of the
+        level's ResBlocks that sees it (ResBlock.fixed_skip_term); and the text keys and values of every attention
+        block. effnet: (B, effnet_embd, h, w); text: (B, L, clip_embd) CLIP-H states."""
         cfg = self.config
         sizes = self.level_sizes(latent_size)
         sizes += list(reversed(sizes))  # the up path, deepest level first
-        injected = []
-        for proj, size in zip(self.effnet_proj, sizes, strict=True):
+        levels = [*self.down_levels, *self.up_levels]
+        fixed_terms = []
+        for proj, size, level in zip(self.effnet_proj, sizes, levels, strict=True):
+            resblocks = [block for block in level if isinstance(block, ResBlock)]
             if proj is None:
-                injected.append(None)
+                fixed_terms += [None] * len(resblocks)
                 continue
             resized = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True, align_corners=True)
-            injected.append(proj(resized.to(effnet.dtype)).contiguous(memory_format=torch.channels_last))
+            injected = proj(resized.to(effnet.dtype)).contiguous(memory_format=torch.channels_last)
+            fixed_terms += [block.fixed_skip_term(injected) for block in resblocks]
         attention = [m for m in self.modules() if isinstance(m, AttnBlock)]  # in forward order
         if attention and text is None:
             raise ValueError("this decoder has attention blocks, so it needs text states")
         if attention:
             text = F.layer_norm(self.text_proj(text), (cfg.c_cond,), eps=1e-6)
-        return StageBConditioning(injected, [block.text_kv(text) for block in attention])
+        return StageBConditioning(fixed_terms, [block.text_kv(text) for block in attention])
 
     def forward(
         self,
@@ -158,11 +162,11 @@ class StageB(nn.Module):
         cfg = self.config
         cond = effnet if isinstance(effnet, StageBConditioning) else self.condition(effnet, text, x.shape[-2:])
         r_embed = r_embedding(r, cfg.c_r)
-        text_kv = iter(cond.text_kv)
+        text_kv, fixed_terms = iter(cond.text_kv), iter(cond.fixed_terms)
 
-        def run(block: nn.Module, h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        def run(block: nn.Module, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
             if isinstance(block, ResBlock):
-                return block(h, skip)
+                return block(h, skip, next(fixed_terms))
             if isinstance(block, TimestepBlock):
                 return block(h, r_embed)
             if isinstance(block, AttnBlock):
@@ -173,19 +177,15 @@ class StageB(nn.Module):
         h = self.stem(F.pixel_unshuffle(x, cfg.patch_size)).contiguous(memory_format=torch.channels_last)
         h = channel_norm(h)
         level_outputs = []
-        for i, level in enumerate(self.down_levels):
+        for level in self.down_levels:
             for block in level:
-                h = run(block, h, cond.injected[i])
+                h = run(block, h)
             level_outputs.append(h)
-
-        levels = len(self.down_levels)
         for j, level in enumerate(self.up_levels):
-            injected = cond.injected[levels + j]
             for k, block in enumerate(level):
-                # Skip order is [U-Net skip, injected embedding]; the U-Net skip goes to the first block only.
-                parts = [level_outputs[levels - 1 - j]] if k == 0 and j > 0 else []
-                parts += [injected] if injected is not None else []
-                h = run(block, h, torch.cat(parts, dim=1) if len(parts) > 1 else (parts[0] if parts else None))
+                # The U-Net skip goes to the first block of every level but the deepest; the injected embedding
+                # comes in through the fixed terms.
+                h = run(block, h, level_outputs[-1 - j] if k == 0 and j > 0 else None)
 
         a, b = F.pixel_shuffle(self.head(channel_norm(h)), cfg.patch_size).chunk(2, dim=1)
         return (x - a) / (b.sigmoid() * (1 - 2e-3) + 1e-3)
@@ -195,7 +195,8 @@ class StageB(nn.Module):
 class StageBConditioning:
     """What every denoising step of one generation shares (see StageB.condition)."""
 
-    injected: list[torch.Tensor | None]  # the projected Stage C embedding per level: down path, then up path
+    # Per ResBlock in forward order, mlp_in's share of the injected Stage C embedding (None where not injected).
+    fixed_terms: list[torch.Tensor | None]
     text_kv: list[TextKV]  # per attention block, in forward order
 
 

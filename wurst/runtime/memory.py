@@ -84,10 +84,11 @@ def _stage_b(cfg, side: tuple[int, int], batch: int, e: int) -> int:
     working, kept = 0, 0
     for i, c in enumerate(cfg.c_hidden):
         pixels = (h >> i) * (w >> i)
-        injected = cfg.c_cond if cfg.inject_effnet[i] else 0
-        skip = c + injected  # what the up path's first block concatenates
-        working = max(working, batch * pixels * (RESBLOCK * c + skip) * e)
-        kept += batch * pixels * (c + 2 * injected) * e  # the level's output for the skip, its two injections
+        working = max(working, batch * pixels * (RESBLOCK + 1) * c * e)  # + the U-Net skip the up path concatenates
+        kept += batch * pixels * c * e  # the level's output, for that skip
+        if cfg.inject_effnet[i]:  # each ResBlock's 4c-wide share of the injected embedding (StageB.condition)
+            resblocks = 2 * cfg.blocks[i] * cfg.level_config[i].count("C")  # down and up path
+            kept += resblocks * batch * pixels * 4 * c * e
         attention_blocks = 2 * cfg.blocks[i] * cfg.level_config[i].count("A")  # down and up path
         kept += attention_blocks * 2 * batch * TOKENS * c * e  # their text keys and values
     return working + kept
