@@ -228,11 +228,11 @@ def test_resblock_with_a_fixed_term_is_diffusers_stage_b_resblock(c_unet):
                   (x, torch.cat([unet, fixed], dim=1)))
 
 
-def test_forward_leading_refuses_an_unfused_lora():
+def test_a_fixed_input_term_refuses_an_unfused_lora():
     layer = Linear(8, 4)
     layer.lora = object()
     with pytest.raises(NotImplementedError, match="LoRA"):
-        layer.forward_leading(torch.zeros(1, 5), torch.zeros(1, 4))
+        layer(torch.zeros(1, 5), torch.zeros(1, 4))
 
 
 def test_timestep_block_is_diffusers_timestep_block():

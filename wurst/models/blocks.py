@@ -45,7 +45,22 @@ class Linear(nn.Linear):
         self.lora_base: torch.Tensor | None = None
         self.lora_fused: list = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fixed_term: torch.Tensor | None = None, *,
+                tail_only: bool = False) -> torch.Tensor:
+        """For an input whose last features are the same at every call (Stage B's injected embedding), the layer
+        splits in two. `layer(tail, tail_only=True)`: the bias plus the weight's last tail.shape[-1] columns
+        applied to `tail`, computed once. `layer(x, fixed_term=that)`: the same as the layer on cat([x, tail]),
+        from one matmul over x's features accumulated onto the fixed term; a column slice of the weight is a
+        strided view that the matmul reads in place, as fast as a copy of it. Both go through the module call,
+        so hooks (sequential offload lends the weights from one) see them."""
+        if tail_only:
+            return F.linear(x, self.weight[:, -x.shape[-1]:], self.bias)
+        if fixed_term is not None:
+            if self.lora is not None:  # its low-rank term would need the whole input; LoRAs adapt Stage C only
+                raise NotImplementedError("a fixed input term does not go with an unfused LoRA")
+            weight = self.weight[:, : x.shape[-1]]
+            y = torch.addmm(fixed_term.flatten(0, -2), x.flatten(0, -2), weight.t()).view(fixed_term.shape)
+            return F.gelu(y) if self.gelu else y
         gelu = self.gelu and self.lora is None  # with a LoRA term, the GELU follows the sum
         if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and self.weight.dtype == x.dtype
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
@@ -57,21 +72,6 @@ class Linear(nn.Linear):
         if self.lora is None:
             return y
         y = self.lora.add_to(y, x)
-        return F.gelu(y) if self.gelu else y
-
-    def fixed_input_term(self, fixed: torch.Tensor) -> torch.Tensor:
-        """The bias plus the weight's last k columns applied to `fixed`, whose k = fixed.shape[-1] features end
-        this layer's input at every call: computed once, it lets `forward_leading` run the other features only."""
-        return F.linear(fixed, self.weight[:, -fixed.shape[-1]:], self.bias)
-
-    def forward_leading(self, x: torch.Tensor, fixed_term: torch.Tensor) -> torch.Tensor:
-        """forward(cat([x, fixed], dim=-1)) given fixed_term = fixed_input_term(fixed): one matmul over x's
-        features, accumulated onto the fixed term. A column slice of the weight is a strided view that the
-        matmul reads in place, as fast as a copy of it."""
-        if self.lora is not None:  # its low-rank term would need the whole input; LoRAs adapt Stage C only
-            raise NotImplementedError("forward_leading does not take an unfused LoRA")
-        weight = self.weight[:, : x.shape[-1]]
-        y = torch.addmm(fixed_term.flatten(0, -2), x.flatten(0, -2), weight.t()).view(fixed_term.shape)
         return F.gelu(y) if self.gelu else y
 
 
@@ -120,14 +120,14 @@ class ResBlock(nn.Module):
         denoising step (Stage B's injected Stage C embedding). Computed once per generation and passed to
         `forward` as `fixed_term`, with `skip` then holding only the channels before them (or None); Stage B's
         ResBlocks spend 18% of its FLOPs on that share."""
-        return self.mlp_in.fixed_input_term(fixed.permute(0, 2, 3, 1))
+        return self.mlp_in(fixed.permute(0, 2, 3, 1), tail_only=True)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
                 fixed_term: torch.Tensor | None = None) -> torch.Tensor:
         h = F.layer_norm(self.depthwise(x).permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6)  # (B, H, W, C)
         if skip is not None:
             h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)
-        h = self.mlp_in(h) if fixed_term is None else self.mlp_in.forward_leading(h, fixed_term)  # ends in GELU
+        h = self.mlp_in(h, fixed_term)  # ends in GELU
         h = self.mlp_out(self.grn(h))
         return x + h.permute(0, 3, 1, 2)
 
