@@ -12,7 +12,7 @@
 five models loaded (low_memory=False), "wurst-low-memory" asks for low-memory explicitly.
 
 Each run is a fresh process that loads the pipeline and generates one image; runs alternate between the
-implementations. Before every run the checkpoint files are read once, outside the timing, so every run
+implementations. Before every run the weight files it maps are read once, outside the timing, so every run
 starts from the same warm page cache. Each process reports its load time, the time of each stage ("prior":
 both text encodings' first half, Stage C; "decoder": Stage B and its text encoding; "stage_a": the VQGAN)
 and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and the achieved fraction of
@@ -57,19 +57,20 @@ def repos() -> tuple[Path, Path]:
     return hub_fixtures.ensure("published", "prior"), hub_fixtures.ensure("published", "decoder")
 
 
-def weight_files(dtype: str) -> list[Path]:
-    """Every weight file a run in `dtype` maps: the checkpoints, or for wurst their cast copies."""
+def weight_files(impl: str, dtype: str) -> list[Path]:
+    """Every weight file a run maps: the checkpoints (diffusers, and wurst in float32), or wurst's cast copies."""
     import torch
 
     from wurst.weights.cast_copies import files_in_dtype
 
     files = [path for repo in repos() for path in sorted(repo.rglob("*.safetensors"))]
-    return files + (files_in_dtype(files, getattr(torch, dtype)) if dtype != "float32" else [])
+    return files if impl == "diffusers" or dtype == "float32" else files_in_dtype(files, getattr(torch, dtype))
 
 
-def warm_page_cache(dtype: str) -> None:
-    """Read every file a run maps once, so that no run pays for the disk and all start alike."""
-    for path in weight_files(dtype):
+def warm_page_cache(impl: str, dtype: str) -> None:
+    """Read every file the run maps once, just before it, so that no run pays for the disk and all start alike
+    (reading the other runs' files too would leave this one's in competition with them for the page cache)."""
+    for path in weight_files(impl, dtype):
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
@@ -226,13 +227,13 @@ def main() -> None:
     repos()  # build the checkpoints, if needed, outside the timing
     for dtype in dtypes:  # wurst's cast copies, made once as a user's first run makes them
         start = time.perf_counter()
-        weight_files(dtype)
+        weight_files("wurst", dtype)
         print(f"{dtype} files ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     rows = [(impl, dtype) for dtype in dtypes for impl in impls]
     results: dict[tuple[str, str], list[dict]] = {row: [] for row in rows}
     for repeat in range(args.repeats):
         for impl, dtype in rows:
-            warm_page_cache(dtype)
+            warm_page_cache(impl, dtype)
             results[impl, dtype].append(run_worker(args, impl, dtype))
             print(f"run {repeat + 1} {impl} {dtype}: {results[impl, dtype][-1]}", file=sys.stderr)
     flops = None

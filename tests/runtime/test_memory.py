@@ -102,6 +102,7 @@ def test_cli_memory_modes_exclude_each_other(out_dir, capsys):
 # otherwise) plus the tensors alive at the widest point of its largest block. The documented counts, in values of
 # a block's width per pixel (or per token): a ResBlock 10, a Stage A mixing block 8, a CLIP layer 8 of its hidden
 # width plus one of its MLP width. What the attention blocks keep all run: 2 (keys and values) x 77 tokens x width.
+# (Packed weights, which bfloat16 loops keep besides, are not part of it in float32: tests/runtime/test_packing.py.)
 F32, TOKENS = 4, 77
 RESBLOCK, MIXING_BLOCK, TEXT_LAYER = 10, 8, 8
 

@@ -44,6 +44,9 @@ class Linear(nn.Linear):
         self.lora = None
         self.lora_base: torch.Tensor | None = None
         self.lora_fused: list = []
+        # While packing is on (runtime/packing.py, around a denoising loop): the weight in oneDNN's blocked layout,
+        # by the number of input features read (Stage B's fixed-term calls read the leading columns only).
+        self.packed: dict[int, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, fixed_term: torch.Tensor | None = None, *,
                 tail_only: bool = False) -> torch.Tensor:
@@ -55,17 +58,21 @@ class Linear(nn.Linear):
         so hooks (sequential offload lends the weights from one) see them."""
         if tail_only:
             return F.linear(x, self.weight[:, -x.shape[-1]:], self.bias)
+        packed = self.packed_weight(x)
         if fixed_term is not None:
             if self.lora is not None:  # its low-rank term would need the whole input; LoRAs adapt Stage C only
                 raise NotImplementedError("a fixed input term does not go with an unfused LoRA")
-            weight = self.weight[:, : x.shape[-1]]
-            y = torch.addmm(fixed_term.flatten(0, -2), x.flatten(0, -2), weight.t()).view(fixed_term.shape)
+            if packed is not None:
+                y = torch.ops.mkldnn._linear_pointwise.binary(x, fixed_term, packed, None, "add")
+            else:
+                weight = self.weight[:, : x.shape[-1]]
+                y = torch.addmm(fixed_term.flatten(0, -2), x.flatten(0, -2), weight.t()).view(fixed_term.shape)
             return F.gelu(y) if self.gelu else y
         gelu = self.gelu and self.lora is None  # with a LoRA term, the GELU follows the sum
-        if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and self.weight.dtype == x.dtype
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        if packed is not None or self.onednn_applies(x):
             attr, algorithm = ("gelu", "none") if gelu else ("none", "")
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+            weight = self.weight if packed is None else packed
+            y = torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, attr, [], algorithm)
         else:
             y = F.linear(x, self.weight, self.bias)
             y = F.gelu(y) if gelu else y
@@ -73,6 +80,27 @@ class Linear(nn.Linear):
             return y
         y = self.lora.add_to(y, x)
         return F.gelu(y) if self.gelu else y
+
+    def onednn_applies(self, x: torch.Tensor) -> bool:
+        """Whether the fast path (oneDNN's linear, see _onednn_linear_works) computes this layer on x."""
+        return (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and self.weight.dtype == x.dtype
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+    def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """While packing is on and the fast path applies: the weight's first x.shape[-1] columns in oneDNN's
+        blocked layout, made at the second call (a loop of one step gains nothing from it). oneDNN otherwise
+        reorders a plain weight into that layout at every call, which costs 4-5% of the time of the denoisers'
+        linear layers (docs/perf-notes.md, Issue 27)."""
+        packed = self.packed  # read once: another thread may end packing meanwhile
+        if packed is None or not self.onednn_applies(x):
+            return None
+        width = x.shape[-1]
+        if width not in packed:
+            packed[width] = None  # seen once
+        elif packed[width] is None:
+            rows = x.numel() // width  # the batch the blocked layout is chosen for
+            packed[width] = torch.ops.mkldnn._reorder_linear_weight(self.weight[:, :width].contiguous(), rows)
+        return packed[width]
 
 
 def channel_norm(x: torch.Tensor) -> torch.Tensor:

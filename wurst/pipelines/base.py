@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from wurst import sampler
 from wurst.errors import ArgumentError, NumericalError
@@ -19,6 +20,7 @@ from wurst.models.tokenizer import CLIPTokenizer
 from wurst.pipelines.callbacks import StepEnd
 from wurst.runtime.devices import parse_device
 from wurst.runtime.offload import OnDemand
+from wurst.runtime.packing import packed_weights
 from wurst.runtime.placement import Placement
 from wurst.weights.model_card import kept_prior
 from wurst.weights.repository import KINDS, Repository, SchedulerConfig
@@ -146,12 +148,14 @@ class PipelineBase:
             return sampler.randn(shape, generator, dtype, device)
         return latents.to(device, dtype)
 
-    def denoise(self, *, model: sampler.Denoiser, latents: torch.Tensor, timesteps: torch.Tensor,
+    def denoise(self, *, model: sampler.Denoiser, denoiser: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                 generator: Generator, scheduler: SchedulerConfig, step_end: StepEnd) -> torch.Tensor:
-        """The sampler's steps with a progress bar, `step_end` (diffusers' step callback) after each."""
+        """The sampler's steps over `model` (which runs the module `denoiser`) with a progress bar, `step_end`
+        (diffusers' step callback) after each, and the denoiser's linear weights packed for the loop."""
         result = latents
         steps = sampler.sample_steps(model, latents, timesteps, generator, scheduler.s, scheduler.scaler)
-        with self.progress_bar(total=len(timesteps) - 1) as bar:  # closed (its line ended) even on an error
+        # The bar is closed (its line ended) even on an error.
+        with self.progress_bar(total=len(timesteps) - 1) as bar, packed_weights(denoiser):
             for step in steps:
                 step_end(step)
                 result = step.latents

@@ -142,8 +142,9 @@ class WuerstchenDecoderPipeline(PipelineBase):
                     condition["cond"] = conditioning()
 
             step_end = StepEnd(self, callback_on_step_end, names, tensors, on_edit)
-            latents = self.denoise(model=sampler.guided(model, guidance) if guided else model, latents=latents,
-                                   timesteps=steps, generator=generator, scheduler=self.scheduler, step_end=step_end)
+            latents = self.denoise(model=sampler.guided(model, guidance) if guided else model, denoiser=decoder,
+                                   latents=latents, timesteps=steps, generator=generator, scheduler=self.scheduler,
+                                   step_end=step_end)
         if output_type == "latent":
             return as_output(latents, return_dict, ImagePipelineOutput)
         return as_output(convert_images(self.decode(latents), output_type), return_dict, ImagePipelineOutput)

@@ -140,8 +140,9 @@ class WuerstchenPriorPipeline(PipelineBase, LoraLoaderMixin):
             step_end = StepEnd(self, callback_on_step_end, names,
                                {"text_encoder_hidden_states": text, "negative_prompt_embeds": negative_prompt_embeds},
                                on_edit)
-            latents = self.denoise(model=sampler.guided(model, guidance) if guided else model, latents=latents,
-                                   timesteps=steps, generator=generator, scheduler=self.scheduler, step_end=step_end)
+            latents = self.denoise(model=sampler.guided(model, guidance) if guided else model, denoiser=prior,
+                                   latents=latents, timesteps=steps, generator=generator, scheduler=self.scheduler,
+                                   step_end=step_end)
         embeddings = sampler.to_stage_b_range(latents, latent_mean=self.config.latent_mean,
                                               latent_std=self.config.latent_std)
         if output_type == "np":

@@ -2,11 +2,12 @@
 device has it.
 
 Each stage needs the weights resident while it runs (every model in the resident mode, only its own in low-memory
-mode) plus its largest working set of activations. The activation terms count the tensors alive at the widest
-point of each model's largest block, per image, from the config's widths and the latent sizes; the counts were
-read off the code (blocks.py, stage_a.py) and checked against measured peak RSS at 512x512 and 1024x1024
-(tests/runtime/test_memory.py). The process's own footprint (Python, torch, the tokenizers) is not part of the estimate:
-on the CPU it is already spent when the available memory is read.
+mode; on the CPU, the running denoiser's packed linear weights besides: runtime/packing.py) plus its largest working
+set of activations. The activation terms count the tensors alive at the widest point of each model's largest block,
+per image, from the config's widths and the latent sizes; the counts were read off the code (blocks.py,
+stage_a.py) and checked against measured peak RSS at 512x512 and 1024x1024 (tests/runtime/test_memory.py). The
+process's own footprint (Python, torch, the tokenizers) is not part of the estimate: on the CPU it is already spent
+when the available memory is read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 import torch
 
 from wurst.errors import ArgumentError, InsufficientMemoryError
+from wurst.models.stage_b import StageBConfig
 from wurst.runtime.offload import OnDemand
+from wurst.runtime.packing import packing_applies
 from wurst.weights.spec import COMPONENTS, expected_state
 
 GB = 1e9
@@ -50,6 +53,7 @@ class Estimate:
 
 
 STAGES = ("prior text encoder", "Stage C", "decoder text encoder", "Stage B", "Stage A")
+DENOISERS = ("Stage C", "Stage B")  # the models that run a loop, with their linear weights packed on the CPU
 
 
 def _models(pipe) -> tuple:
@@ -58,15 +62,41 @@ def _models(pipe) -> tuple:
     return prior.text_encoder, prior.prior, decoder.text_encoder, decoder.decoder, decoder.vqgan
 
 
-def model_bytes(model, dtype: torch.dtype) -> int:
-    """The bytes of a model's weights in `dtype`, counted from its config when it is not loaded (low memory)."""
+def _tensors(model) -> dict[str, torch.Tensor]:
+    """A model's parameters and buffers by name, as meta tensors built from its config when it is not loaded (low
+    memory)."""
     if isinstance(model, OnDemand):
         spec = next(s for s in COMPONENTS.values() if isinstance(model.config, s.config_cls))
-        tensors = expected_state(spec.model_cls, model.config).values()
-    else:
-        tensors = [*model.parameters(), *model.buffers()]
+        return expected_state(spec.model_cls, model.config)
+    return dict(model.state_dict(keep_vars=True))
+
+
+def model_bytes(model, dtype: torch.dtype) -> int:
+    """The bytes of a model's weights in `dtype`."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors)
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in _tensors(model).values())
+
+
+# The denoisers' layers that map the text states: they run before the loop (StageC.condition, StageB.condition),
+# once, so their weights are never packed.
+TEXT_LAYERS = frozenset({"cond_in", "cond_out", "text_proj", "cond_proj"})
+
+
+def packed_bytes(model, dtype: torch.dtype) -> int:
+    """The packed copies of a denoiser's linear weights that its loop keeps on the CPU (runtime/packing.py): its
+    2-D weights (all of them linear layers' in Stage C and Stage B) but the text layers', less the columns of
+    Stage B's ResBlocks that read the injected embedding, whose terms are computed once before the loop from the
+    plain weights."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = sum(t.numel() for name, t in _tensors(model).items()
+                if t.dim() == 2 and name.split(".")[-2] not in TEXT_LAYERS) * size
+    cfg = model.config
+    if isinstance(cfg, StageBConfig):
+        for i, c in enumerate(cfg.c_hidden):
+            if cfg.inject_effnet[i]:
+                resblocks = 2 * cfg.blocks[i] * cfg.level_config[i].count("C")  # down and up path
+                total -= resblocks * 4 * c * cfg.c_cond * size
+    return total
 
 
 def _text(cfg, batch: int, e: int) -> int:
@@ -133,8 +163,11 @@ def estimate(pipe, *, height: int, width: int, prompts: int = 1, images_per_prom
         "Stage A": _stage_a(configs["Stage A"], b_side, images, e),
     }
     everything = sum(weights.values())
-    return Estimate(tuple(StageNeed(name, weights[name] if low_memory else everything, activations[name])
-                          for name in models))
+    # Only the running denoiser's packed weights exist at a time, in either mode.
+    packing = packing_applies(prior._execution_device, dtype)
+    packed = {name: packed_bytes(models[name], dtype) if packing and name in DENOISERS else 0 for name in models}
+    return Estimate(tuple(StageNeed(name, (weights[name] if low_memory else everything) + packed[name],
+                                    activations[name]) for name in models))
 
 
 def available_memory(device: torch.device) -> int | None:
