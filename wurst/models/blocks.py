@@ -91,8 +91,10 @@ class Linear(nn.Linear):
         blocked layout, made at the second call (a loop of one step gains nothing from it). oneDNN otherwise
         reorders a plain weight into that layout at every call, which costs 4-5% of the time of the denoisers'
         linear layers (docs/perf-notes.md, Issue 27)."""
+        if not self.onednn_applies(x):  # first: a compiled graph then never reads (nor guards on) self.packed
+            return None
         packed = self.packed  # read once: another thread may end packing meanwhile
-        if packed is None or not self.onednn_applies(x):
+        if packed is None:
             return None
         width = x.shape[-1]
         if width not in packed:
