@@ -178,8 +178,8 @@ def matmul_gflops(threads: int, dtype_name: str = "float32", sustained: bool = F
         for _ in range(10):
             start = time.perf_counter()
             kernel()
-            if time.perf_counter() - start < best:
-                best, fastest = time.perf_counter() - start, kernel
+            if (elapsed := time.perf_counter() - start) < best:
+                best, fastest = elapsed, kernel
     if not sustained:
         return 2 * 2048**3 / best / 1e9
     start, calls = time.perf_counter(), 0

@@ -58,7 +58,8 @@ class Linear(nn.Linear):
         so hooks (sequential offload lends the weights from one) see them."""
         if tail_only:
             return F.linear(x, self.weight[:, -x.shape[-1]:], self.bias)
-        packed = self.packed_weight(x)
+        fast = self.onednn_applies(x)
+        packed = self.packed_weight(x) if fast else None
         if fixed_term is not None:
             if self.lora is not None:  # its low-rank term would need the whole input; LoRAs adapt Stage C only
                 raise NotImplementedError("a fixed input term does not go with an unfused LoRA")
@@ -69,7 +70,7 @@ class Linear(nn.Linear):
                 y = torch.addmm(fixed_term.flatten(0, -2), x.flatten(0, -2), weight.t()).view(fixed_term.shape)
             return F.gelu(y) if self.gelu else y
         gelu = self.gelu and self.lora is None  # with a LoRA term, the GELU follows the sum
-        if packed is not None or self.onednn_applies(x):
+        if fast:
             attr, algorithm = ("gelu", "none") if gelu else ("none", "")
             weight = self.weight if packed is None else packed
             y = torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, attr, [], algorithm)
@@ -87,12 +88,11 @@ class Linear(nn.Linear):
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """While packing is on and the fast path applies: the weight's first x.shape[-1] columns in oneDNN's
-        blocked layout, made at the second call (a loop of one step gains nothing from it). oneDNN otherwise
-        reorders a plain weight into that layout at every call, which costs 4-5% of the time of the denoisers'
-        linear layers (docs/perf-notes.md, Issue 27)."""
-        if not self.onednn_applies(x):  # first: a compiled graph then never reads (nor guards on) self.packed
-            return None
+        """For the fast path, while packing is on: the weight's first x.shape[-1] columns in oneDNN's blocked
+        layout, made at the second call (a loop of one step gains nothing from it). oneDNN otherwise reorders a
+        plain weight into that layout at every call, which costs 4-5% of the time of the denoisers' linear layers
+        (docs/perf-notes.md, Issue 27). Called only where onednn_applies(x), so a compiled graph never reads (nor
+        guards on) self.packed."""
         packed = self.packed  # read once: another thread may end packing meanwhile
         if packed is None:
             return None
