@@ -17,11 +17,13 @@ starts from the same warm page cache. Each process reports its load time, the ti
 both text encodings' first half, Stage C; "decoder": Stage B and its text encoding; "stage_a": the VQGAN)
 and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and the achieved fraction of
 this machine's matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
-generation time, over the rate of a 2048x2048 matmul in the row's dtype measured here, through torch.mm or
-oneDNN's linear, whichever is faster (the best of ten products; the rate of the faster one kept up for 5 s is
-printed beside it, since a shared host's speed varies); the FLOPs come from 1- and 2-step runs at the same
-size, extrapolated per step, since every step has the same shapes); a second table gives that fraction per
-stage (its FLOPs over its time), so that a regression shows where it happened. Same thread count for both sides.
+generation time, over the rate of a 2048x2048 matmul in the row's dtype, through torch.mm or oneDNN's linear,
+whichever is faster, the best of ten products). A shared host's speed drifts by 5-10% over minutes, so each run's
+process measures that rate itself, just before its first stage and just after its last, and its fraction is taken
+against the higher of the two; the table prints both. The FLOPs come from 1- and 2-step runs at the same size,
+extrapolated per step, since every step has the same shapes. A second table gives that fraction per stage (its
+FLOPs over its time), so that a regression shows where it happened. After all runs the rate is measured once more,
+also kept up for 5 s, for reference. Same thread count for both sides.
 For wurst in bfloat16 the cast copies of the float32 files ($WURST_CACHE/bfloat16) are made before the timed runs,
 as a user's first run makes them once; the time that took is printed. diffusers and transformers come from the test
 extras (`make install`).
@@ -79,9 +81,10 @@ def warm_page_cache(impl: str, dtype: str) -> None:
 
 
 def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name: str = "float32",
-           count_flops: bool = False) -> dict:
-    """One text-to-image run; returns the stage times, the peak RSS and a checksum of the image. prior_steps None:
-    the published 29-step Stage C schedule (DEFAULT_STAGE_C_TIMESTEPS) on both sides."""
+           count_flops: bool = False, threads: int | None = None) -> dict:
+    """One text-to-image run; returns the stage times, the matmul rate just before the first stage and just after
+    the last (on `threads` threads), the peak RSS and a checksum of the image. prior_steps None: the published
+    29-step Stage C schedule (DEFAULT_STAGE_C_TIMESTEPS) on both sides."""
     import torch
 
     from wurst import DEFAULT_STAGE_C_TIMESTEPS
@@ -152,8 +155,12 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
             latents, flops[f"decoder_{n}"] = counted(decoder, embeddings)
             _, flops[f"stage_a_{n}"] = counted(stage_a, latents)
         return flops
+    threads = threads or torch.get_num_threads()
+    rate_before = matmul_gflops(threads, dtype_name)
     images = timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
-    return {**times, "peak_rss_gib": peak_rss_gib(), "checksum": float(images.double().sum())}
+    rate_after = matmul_gflops(threads, dtype_name)
+    return {**times, "rate_before": rate_before, "rate_after": rate_after, "peak_rss_gib": peak_rss_gib(),
+            "checksum": float(images.double().sum())}
 
 
 def matmul_gflops(threads: int, dtype_name: str = "float32", sustained: bool = False) -> float:
@@ -226,7 +233,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker, args.size, args.steps, args.prior_steps or None, args.dtype, args.flops)))
+        print(json.dumps(worker(args.worker, args.size, args.steps, args.prior_steps or None, args.dtype, args.flops,
+                                threads=args.threads)))
         return
 
     impls, dtypes = args.impls.split(","), args.dtypes.split(",")
@@ -257,38 +265,46 @@ def main() -> None:
     rates = {dtype: matmul_gflops(args.threads, dtype) for dtype in dtypes}
     sustained = {dtype: matmul_gflops(args.threads, dtype, sustained=True) for dtype in dtypes}
 
+    def share(run: dict, run_flops: float, seconds: float) -> float:
+        """The fraction of the matmul rate of FLOPs done in `seconds` of one run: against the higher of the two
+        rates measured in that run's process, so a dip of the host's speed at one end does not raise it."""
+        return run_flops / seconds / (max(run["rate_before"], run["rate_after"]) * 1e9)
+
+    def generation(run: dict) -> float:
+        return sum(run[stage] for stage in STAGES[1:])
+
     prior_steps = args.prior_steps or "29 (DEFAULT_STAGE_C_TIMESTEPS)"
     counted = f"{flops / 1e12:.1f} TFLOP per run; " if flops else ""
     print(f"\n{args.size}x{args.size}, {prior_steps} Stage C steps (guidance 4), {args.steps} Stage B steps, "
-          f"{args.threads} threads, median of {args.repeats} processes each; {counted}2048² matmul: "
+          f"{args.threads} threads, median of {args.repeats} processes each; {counted}2048² matmul after all runs: "
           + ", ".join(f"{rate:.0f} GFLOP/s in {dtype} (sustained for 5 s: {sustained[dtype]:.0f})"
                       for dtype, rate in rates.items()) + "\n")
-    print("| | dtype | " + " | ".join(STAGES) + " | total | peak RSS | of matmul rate |")
-    print("|---" * (len(STAGES) + 5) + "|")
+    print("| | dtype | " + " | ".join(STAGES) + " | total | peak RSS | matmul rate before / after | of matmul rate |")
+    print("|---" * (len(STAGES) + 6) + "|")
     totals, peaks = {}, {}
     for (impl, dtype), runs in results.items():
-        medians = {k: statistics.median(r[k] for r in runs) for k in (*STAGES, "peak_rss_gib")}
+        medians = {k: statistics.median(r[k] for r in runs)
+                   for k in (*STAGES, "peak_rss_gib", "rate_before", "rate_after")}
         totals[impl, dtype] = sum(medians[k] for k in STAGES)
-        generation = totals[impl, dtype] - medians["load"]
         cells = [f"{medians[k]:.1f} s" for k in STAGES]
         peaks[impl, dtype] = medians["peak_rss_gib"]
-        share = f"{flops / generation / (rates[dtype] * 1e9):.0%}" if flops else "-"
+        fraction = f"{statistics.median(share(r, flops, generation(r)) for r in runs):.0%}" if flops else "-"
         print(f"| {impl} | {dtype} | " + " | ".join(cells)
-              + f" | {totals[impl, dtype]:.1f} s | {peaks[impl, dtype]:.2f} GiB | {share} |")
+              + f" | {totals[impl, dtype]:.1f} s | {peaks[impl, dtype]:.2f} GiB"
+              + f" | {medians['rate_before']:.0f} / {medians['rate_after']:.0f} GFLOP/s | {fraction} |")
     print()
     for impl, dtype in totals:
         for ref in [("diffusers", d) for d in dtypes if ("diffusers", d) in totals and impl != "diffusers"]:
             print(f"{impl} {dtype} / diffusers {ref[1]}: total time {totals[impl, dtype] / totals[ref]:.2f}, "
                   f"peak RSS {peaks[impl, dtype] / peaks[ref]:.2f}")
-    if flops:  # where a regression happened: each stage's FLOPs over its own median time
+    if flops:  # where a regression happened: each stage's FLOPs over its own time
         generation_stages = STAGES[1:]
         print("\nshare of the matmul rate per stage (its FLOPs: "
               + ", ".join(f"{stage} {stage_flops[stage] / 1e12:.2f} TFLOP" for stage in generation_stages) + ")\n")
         print("| | dtype | " + " | ".join(generation_stages) + " |")
         print("|---" * (len(generation_stages) + 2) + "|")
         for (impl, dtype), runs in results.items():
-            rate = rates[dtype] * 1e9
-            cells = [f"{stage_flops[stage] / statistics.median(r[stage] for r in runs) / rate:.0%}"
+            cells = [f"{statistics.median(share(r, stage_flops[stage], r[stage]) for r in runs):.0%}"
                      for stage in generation_stages]
             print(f"| {impl} | {dtype} | " + " | ".join(cells) + " |")
         print()
