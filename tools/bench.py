@@ -15,15 +15,15 @@ Each run is a fresh process that loads the pipeline and generates one image; run
 implementations. Before every run the weight files it maps are read once, outside the timing, so every run
 starts from the same warm page cache. Each process reports its load time, the time of each stage ("prior":
 both text encodings' first half, Stage C; "decoder": Stage B and its text encoding; "stage_a": the VQGAN)
-and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and the achieved fraction of
-this machine's matmul rate (FLOPs of the run, counted once with torch.utils.flop_counter, over the
-generation time, over the rate of a 2048x2048 matmul in the row's dtype, through torch.mm or oneDNN's linear,
-whichever is faster, the best of ten products). A shared host's speed drifts by 5-10% over minutes, so each run's
-process measures that rate itself, just before its first stage and just after its last, and its fraction is taken
-against the higher of the two; the table prints both. The FLOPs come from 1- and 2-step runs at the same size,
-extrapolated per step, since every step has the same shapes. A second table gives that fraction per stage (its
-FLOPs over its time), so that a regression shows where it happened. After all runs the rate is measured once more,
-also kept up for 5 s, for reference. Same thread count for both sides.
+and its peak RSS (VmHWM). The table gives medians, the ratio of total times, and the achieved fraction of this
+machine's matmul rate: the FLOPs the implementation does for the run (counted once per implementation with
+torch.utils.flop_counter, from 1- and 2-step runs at the same size, extrapolated per step, since every step has
+the same shapes), over the generation time, over the rate of a 2048x2048 matmul in the row's dtype (through
+torch.mm or oneDNN's linear, whichever is faster, the best of ten products). A shared host's speed drifts by 5-10%
+over minutes, so each run's process measures that rate itself, just before its first stage and just after its
+last, and its fraction is taken against the higher of the two; the table prints both. A second table gives that
+fraction per stage (its FLOPs over its time), so that a regression shows where it happened. After all runs the rate
+is measured once more, also kept up for 5 s, for reference. Same thread count for both sides.
 For wurst in bfloat16 the cast copies of the float32 files ($WURST_CACHE/bfloat16) are made before the timed runs,
 as a user's first run makes them once; the time that took is printed. diffusers and transformers come from the test
 extras (`make install`).
@@ -254,14 +254,21 @@ def main() -> None:
             warm_page_cache(impl, dtype)
             results[impl, dtype].append(run_worker(args, impl, dtype))
             print(f"run {repeat + 1} {impl} {dtype}: {results[impl, dtype][-1]}", file=sys.stderr)
-    flops = None
+    # Each implementation's own FLOPs: wurst computes some terms once per generation that diffusers computes at
+    # every step (the text keys and values, Stage B's injected-embedding terms), so it does less work for the
+    # same image. The wurst variants differ only in where the weights live, so they share one count.
+    def family(impl: str) -> str:
+        return "diffusers" if impl == "diffusers" else "wurst"
+
+    stage_flops: dict[str, dict[str, float]] = {}
     if not args.no_flops:
-        counts = run_worker(args, "wurst", flops=True)
-        n_prior = args.prior_steps or 29
-        per_stage = {"prior": n_prior, "decoder": args.steps, "stage_a": 1}
-        stage_flops = {stage: counts[f"{stage}_1"] + (n - 1) * (counts[f"{stage}_2"] - counts[f"{stage}_1"])
-                       for stage, n in per_stage.items()}
-        flops = sum(stage_flops.values())
+        per_stage = {"prior": args.prior_steps or 29, "decoder": args.steps, "stage_a": 1}
+        for counted_impl in sorted({family(impl) for impl in impls}):
+            counts = run_worker(args, counted_impl, flops=True)
+            stage_flops[counted_impl] = {
+                stage: counts[f"{stage}_1"] + (n - 1) * (counts[f"{stage}_2"] - counts[f"{stage}_1"])
+                for stage, n in per_stage.items()}
+    flops = {name: sum(stages.values()) for name, stages in stage_flops.items()}
     rates = {dtype: matmul_gflops(args.threads, dtype) for dtype in dtypes}
     sustained = {dtype: matmul_gflops(args.threads, dtype, sustained=True) for dtype in dtypes}
 
@@ -274,7 +281,7 @@ def main() -> None:
         return sum(run[stage] for stage in STAGES[1:])
 
     prior_steps = args.prior_steps or "29 (DEFAULT_STAGE_C_TIMESTEPS)"
-    counted = f"{flops / 1e12:.1f} TFLOP per run; " if flops else ""
+    counted = "".join(f"{name} {total / 1e12:.1f} TFLOP per run; " for name, total in flops.items())
     print(f"\n{args.size}x{args.size}, {prior_steps} Stage C steps (guidance 4), {args.steps} Stage B steps, "
           f"{args.threads} threads, median of {args.repeats} processes each; {counted}2048² matmul after all runs: "
           + ", ".join(f"{rate:.0f} GFLOP/s in {dtype} (sustained for 5 s: {sustained[dtype]:.0f})"
@@ -288,7 +295,8 @@ def main() -> None:
         totals[impl, dtype] = sum(medians[k] for k in STAGES)
         cells = [f"{medians[k]:.1f} s" for k in STAGES]
         peaks[impl, dtype] = medians["peak_rss_gib"]
-        fraction = f"{statistics.median(share(r, flops, generation(r)) for r in runs):.0%}" if flops else "-"
+        fraction = (f"{statistics.median(share(r, flops[family(impl)], generation(r)) for r in runs):.0%}"
+                    if flops else "-")
         print(f"| {impl} | {dtype} | " + " | ".join(cells)
               + f" | {totals[impl, dtype]:.1f} s | {peaks[impl, dtype]:.2f} GiB"
               + f" | {medians['rate_before']:.0f} / {medians['rate_after']:.0f} GFLOP/s | {fraction} |")
@@ -299,12 +307,13 @@ def main() -> None:
                   f"peak RSS {peaks[impl, dtype] / peaks[ref]:.2f}")
     if flops:  # where a regression happened: each stage's FLOPs over its own time
         generation_stages = STAGES[1:]
-        print("\nshare of the matmul rate per stage (its FLOPs: "
-              + ", ".join(f"{stage} {stage_flops[stage] / 1e12:.2f} TFLOP" for stage in generation_stages) + ")\n")
+        print("\nshare of the matmul rate per stage (its FLOPs: " + "; ".join(
+            f"{name} " + ", ".join(f"{stage} {stages[stage] / 1e12:.2f}" for stage in generation_stages)
+            for name, stages in stage_flops.items()) + " TFLOP)\n")
         print("| | dtype | " + " | ".join(generation_stages) + " |")
         print("|---" * (len(generation_stages) + 2) + "|")
         for (impl, dtype), runs in results.items():
-            cells = [f"{statistics.median(share(r, stage_flops[stage], r[stage]) for r in runs):.0%}"
+            cells = [f"{statistics.median(share(r, stage_flops[family(impl)][stage], r[stage]) for r in runs):.0%}"
                      for stage in generation_stages]
             print(f"| {impl} | {dtype} | " + " | ".join(cells) + " |")
         print()
