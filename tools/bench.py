@@ -20,8 +20,8 @@ machine's matmul rate: the FLOPs the implementation does for the run (counted on
 torch.utils.flop_counter, from 1- and 2-step runs at the same size, extrapolated per step, since every step has
 the same shapes), over the generation time, over the rate of a 2048x2048 matmul in the row's dtype (through
 torch.mm or oneDNN's linear, whichever is faster, the best of ten products). A shared host's speed drifts by 5-10%
-over minutes, so each run's process measures that rate itself, just before its first stage and just after its
-last, and its fraction is taken against the higher of the two; the table prints both. A second table gives that
+over minutes, so that rate is measured just before each run's process starts and just after it ends, and the
+run's fraction is taken against the higher of the two; the table prints both. A second table gives that
 fraction per stage (its FLOPs over its time), so that a regression shows where it happened. After all runs the rate
 is measured once more, also kept up for 5 s, for reference. Same thread count for both sides.
 For wurst in bfloat16 the cast copies of the float32 files ($WURST_CACHE/bfloat16) are made before the timed runs,
@@ -81,10 +81,9 @@ def warm_page_cache(impl: str, dtype: str) -> None:
 
 
 def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name: str = "float32",
-           count_flops: bool = False, threads: int | None = None) -> dict:
-    """One text-to-image run; returns the stage times, the matmul rate just before the first stage and just after
-    the last (on `threads` threads), the peak RSS and a checksum of the image. prior_steps None: the published
-    29-step Stage C schedule (DEFAULT_STAGE_C_TIMESTEPS) on both sides."""
+           count_flops: bool = False) -> dict:
+    """One text-to-image run; returns the stage times, the peak RSS and a checksum of the image. prior_steps None:
+    the published 29-step Stage C schedule (DEFAULT_STAGE_C_TIMESTEPS) on both sides."""
     import torch
 
     from wurst import DEFAULT_STAGE_C_TIMESTEPS
@@ -155,12 +154,8 @@ def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name
             latents, flops[f"decoder_{n}"] = counted(decoder, embeddings)
             _, flops[f"stage_a_{n}"] = counted(stage_a, latents)
         return flops
-    threads = threads or torch.get_num_threads()
-    rate_before = matmul_gflops(threads, dtype_name)
     images = timed("stage_a", stage_a, timed("decoder", decoder, timed("prior", prior)))
-    rate_after = matmul_gflops(threads, dtype_name)
-    return {**times, "rate_before": rate_before, "rate_after": rate_after, "peak_rss_gib": peak_rss_gib(),
-            "checksum": float(images.double().sum())}
+    return {**times, "peak_rss_gib": peak_rss_gib(), "checksum": float(images.double().sum())}
 
 
 def matmul_gflops(threads: int, dtype_name: str = "float32", sustained: bool = False) -> float:
@@ -233,8 +228,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker, args.size, args.steps, args.prior_steps or None, args.dtype, args.flops,
-                                threads=args.threads)))
+        print(json.dumps(worker(args.worker, args.size, args.steps, args.prior_steps or None, args.dtype, args.flops)))
         return
 
     impls, dtypes = args.impls.split(","), args.dtypes.split(",")
@@ -252,7 +246,12 @@ def main() -> None:
     for repeat in range(args.repeats):
         for impl, dtype in rows:
             warm_page_cache(impl, dtype)
-            results[impl, dtype].append(run_worker(args, impl, dtype))
+            # The rate around the run, measured here rather than in the run's process, which then does only what a
+            # user's run does.
+            rate_before = matmul_gflops(args.threads, dtype)
+            run = run_worker(args, impl, dtype)
+            results[impl, dtype].append({**run, "rate_before": rate_before,
+                                         "rate_after": matmul_gflops(args.threads, dtype)})
             print(f"run {repeat + 1} {impl} {dtype}: {results[impl, dtype][-1]}", file=sys.stderr)
     # Each implementation's own FLOPs: wurst computes some terms once per generation that diffusers computes at
     # every step (the text keys and values, Stage B's injected-embedding terms), so it does less work for the
