@@ -273,7 +273,7 @@ def main() -> None:
 
     def share(run: dict, run_flops: float, seconds: float) -> float:
         """The fraction of the matmul rate of FLOPs done in `seconds` of one run: against the higher of the two
-        rates measured in that run's process, so a dip of the host's speed at one end does not raise it."""
+        rates measured around that run, so that a dip of the host's speed at either end does not raise it."""
         return run_flops / seconds / (max(run["rate_before"], run["rate_after"]) * 1e9)
 
     def generation(run: dict) -> float:
