@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tools.bench and tools.hub_fixtures
 from tools import hub_fixtures  # noqa: E402
+from tools.bench import read_through  # noqa: E402
 
 PROMPTS = [
     "Anthropomorphic cat dressed as a fire fighter", "a lighthouse on a cliff at night, oil painting",
@@ -40,12 +41,8 @@ def repos(fixtures: str) -> tuple[Path, Path]:
 
 
 def warm_page_cache(fixtures: str) -> None:
-    """Read every checkpoint file once, so that no run pays for the disk and all start alike."""
-    for repo in repos(fixtures):
-        for path in sorted(repo.rglob("*.safetensors")):
-            with open(path, "rb") as f:
-                while f.read(1 << 24):
-                    pass
+    """Read every checkpoint file once (tools/bench.py's read_through)."""
+    read_through(path for repo in repos(fixtures) for path in sorted(repo.rglob("*.safetensors")))
 
 
 def command(processes: int, batch_size: int, prompts: Path, out: Path, args: argparse.Namespace) -> list[str]:

@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,13 +72,19 @@ def weight_files(impl: str, dtype: str) -> list[Path]:
     return files if impl == "diffusers" or dtype == "float32" else files_in_dtype(files, getattr(torch, dtype))
 
 
-def warm_page_cache(impl: str, dtype: str) -> None:
-    """Read every file the run maps once, just before it, so that no run pays for the disk and all start alike
-    (reading the other runs' files too would leave this one's in competition with them for the page cache)."""
-    for path in weight_files(impl, dtype):
+def read_through(paths: Iterable[Path]) -> None:
+    """Read each file once, so that it is in the page cache: the benchmarks' runs then map their weights without
+    paying for the disk, and all start alike."""
+    for path in paths:
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
+
+
+def warm_page_cache(impl: str, dtype: str) -> None:
+    """Read every file the run maps once, just before it (reading the other runs' files too would leave this
+    one's in competition with them for the page cache)."""
+    read_through(weight_files(impl, dtype))
 
 
 def worker(impl: str, size: int, steps: int, prior_steps: int | None, dtype_name: str = "float32",

@@ -284,15 +284,13 @@ def warm_page_cache(repo: Path, dtype_name: str) -> None:
     """Read every file either side maps once: the checkpoints and, in bfloat16, wurst's cast copies."""
     import torch
 
+    from tools.bench import read_through
     from wurst.weights.cast_copies import files_in_dtype
 
     files = sorted(repo.rglob("*.safetensors"))
     if dtype_name != "float32":
         files += files_in_dtype(files, getattr(torch, dtype_name))
-    for path in files:
-        with open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+    read_through(files)
 
 
 def run_worker(side: str, config: str, args: argparse.Namespace) -> dict:
