@@ -108,7 +108,9 @@ def test_torchrun_two_processes_match_one(uninterrupted, dataset, models, tmp_pa
     assert ours.keys() == reference.keys()
     for name in ours:  # the gradients are summed in another order: float rounding, amplified by 60 Adam steps
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6)
-    assert done.stderr.count("train: 100%") == 1  # one progress bar, rank 0's
+    # One progress bar, rank 0's. A bar draws its 0% state once, when it opens; its 100% state may be drawn
+    # twice (at the last step if 0.1 s have passed since the last draw, and when it closes), so count openings.
+    assert done.stderr.count("train:   0%") == 1
     assert metric_steps(tmp_path / "out") == list(range(1, 61))
 
 

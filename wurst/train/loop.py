@@ -267,7 +267,7 @@ def train(args: argparse.Namespace, *, samples: list[Sample], settings: dict, de
             if writer is not None:
                 writer.add_scalar("train/loss", loss, step)
                 writer.add_scalar("train/lr", lr, step)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # drawn by update, at most every 0.1 s
             bar.update(1)
             if step % args.checkpoint_every == 0 or step == args.steps:
                 save_checkpoint(out, trainer.state(step))
