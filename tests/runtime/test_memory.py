@@ -237,6 +237,12 @@ def on_the_latent_grid(height: int, width: int) -> bool:
     return all(int(math.ceil(side / 42.67) * 10.67) % 16 == 0 for side in (height, width))
 
 
+def test_amounts_read_in_gb_from_1_gb_up_and_in_whole_mb_below():
+    assert memory.amount(54_031_000_000) == "54.0 GB" and memory.amount(1_000_000_000) == "1.0 GB"
+    assert memory.amount(37_300_000) == "37 MB"  # the published VQGAN in bfloat16, once printed as "0.0 GB"
+    assert memory.amount(-2_000_000) == "0 MB"  # less than nothing available reads as nothing
+
+
 def test_refusal_says_what_it_needs_what_there_is_and_what_fits(resident, monkeypatch):
     request = dict(height=2048, width=1024, images_per_prompt=4)
     name, need = documented_peak(resident, height=2048, width=1024, images=4, low_memory=False)
@@ -247,9 +253,10 @@ def test_refusal_says_what_it_needs_what_there_is_and_what_fits(resident, monkey
     message = str(info.value)
     assert "\n" not in message
     weights, activations = documented_stages(resident, height=2048, width=1024, images=4, low_memory=False)[name]
-    assert message.startswith(f"2048x1024 with 4 images needs about {need / 1e9:.1f} GB of RAM at its peak "
-                              f"({name}: {weights / 1e9:.1f} GB of weights, {activations / 1e9:.1f} GB of activations)")
-    assert f"and {free / 1e9:.1f} GB is available; would fit: " in message
+    # The tiny models' amounts are all under 1 GB, so in whole MB (Stage A's 12 MB of weights, not "0.0 GB")
+    assert message.startswith(f"2048x1024 with 4 images needs about {need / 1e6:.0f} MB of RAM at its peak "
+                              f"({name}: {weights / 1e6:.0f} MB of weights, {activations / 1e6:.0f} MB of activations)")
+    assert f"and {free / 1e6:.0f} MB is available; would fit: " in message
     assert message.endswith("(force=True tries anyway)")
 
     def fits(height, width, images=4):
@@ -285,7 +292,7 @@ def test_generate_refuses_before_any_model_runs_and_force_runs(tiny_prior_repo, 
     kwargs = dict(prior=tiny_prior_repo, decoder=tiny_decoder_repo, device="cpu", prior_num_inference_steps=1,
                   num_inference_steps=1, output_type="pt")
     try:
-        with pytest.raises(InsufficientMemoryError, match="GB is available; .*force=True tries anyway"):
+        with pytest.raises(InsufficientMemoryError, match="and 1 MB is available; .*force=True tries anyway"):
             wurst.generate(PROMPT, 128, 128, **kwargs)
         monkeypatch.undo()
         fake_ram(monkeypatch, 0.001)
@@ -308,8 +315,8 @@ def test_cli_force_runs_what_the_estimate_refuses(tiny_prior_repo, tiny_decoder_
 
 def test_resident_weights_that_cannot_fit_on_the_gpu_are_refused_before_moving(resident, monkeypatch):
     fake_ram(monkeypatch, 0.001)
-    with pytest.raises(InsufficientMemoryError, match=r"the five models need .* GB of memory on cuda:0 to stay "
-                                                      r"loaded and 0.0 GB is free; low_memory=True loads one at a "
+    with pytest.raises(InsufficientMemoryError, match=r"the five models need \d+ MB of memory on cuda:0 to stay "
+                                                      r"loaded and 1 MB is free; low_memory=True loads one at a "
                                                       r"time \(force=True tries anyway\)"):
         memory.check_weights_fit(resident, torch.device("cuda", 0))
 

@@ -251,9 +251,9 @@ def test_refusal_says_what_it_needs_what_there_is_and_each_way_out(prior32, monk
     fake_memory(monkeypatch, available)
     message = refusal(prior32, *run, resolution=512)
     assert message.startswith(f"training (--full, --batch-size 4, images up to 512x512) needs about "
-                              f"{need.total / 1e9:.1f} GB of RAM at its peak ({need.weights / 1e9:.1f} GB of weights, "
-                              f"{need.trained / 1e9:.1f} GB of trained state, {need.activations / 1e9:.1f} GB of "
-                              f"activations) and {available / 1e9:.1f} GB is available; would fit: ")
+                              f"{need.total / 1e6:.0f} MB of RAM at its peak ({need.weights / 1e6:.0f} MB of weights, "
+                              f"{need.trained / 1e6:.0f} MB of trained state, {need.activations / 1e6:.0f} MB of "
+                              f"activations) and {available / 1e6:.0f} MB is available; would fit: ")  # under 1 GB: MB
     ways = ways_out(message)
     assert ways[:2] == ["LoRA (without --full)", "--gradient-checkpointing"]
     assert estimate(prior32, *run, "--gradient-checkpointing", resolution=512, device=CPU).total <= available
@@ -303,7 +303,7 @@ def test_when_no_one_change_fits_the_changes_together_are_named(prior32, monkeyp
 def test_when_nothing_fits_the_refusal_says_so(prior32, monkeypatch):
     fake_memory(monkeypatch, 1000)
     message = refusal(prior32, "--full", "--batch-size", "2")
-    assert message.endswith("GB is available; nothing smaller fits either (--force tries anyway)")
+    assert message.endswith(" 0 MB is available; nothing smaller fits either (--force tries anyway)")
 
 
 def test_on_a_gpu_the_loaded_weights_are_added_back_to_the_free_memory(prior32, monkeypatch):
@@ -312,7 +312,7 @@ def test_on_a_gpu_the_loaded_weights_are_added_back_to_the_free_memory(prior32, 
     fake_memory(monkeypatch, need.total - need.weights)
     assert check(prior32, device=CUDA) == need
     fake_memory(monkeypatch, need.total - need.weights - 1)
-    assert "GB of memory on cuda:0 at its peak" in refusal(prior32, device=CUDA)
+    assert " MB of memory on cuda:0 at its peak" in refusal(prior32, device=CUDA)
 
 
 def test_cpu_processes_of_one_machine_each_need_their_own(prior32, monkeypatch):
@@ -346,7 +346,7 @@ def test_trainer_refuses_before_anything_is_written_and_force_trains(dataset, ti
                str(encoder_folder), "--dtype", "float32", "--device", "cpu", "--resolution", "128", "--steps", "1"]
     code = main(command)
     captured = capsys.readouterr()
-    line = assert_one_line_error(code, captured.out, captured.err, "GB is available; nothing smaller fits either",
+    line = assert_one_line_error(code, captured.out, captured.err, "0 MB is available; nothing smaller fits either",
                                  out_dir, prefix="wurst.train: error: training (LoRA rank 4, --batch-size 1, "
                                                  "images up to 128x128) needs about ")
     assert line.endswith("(--force tries anyway)")

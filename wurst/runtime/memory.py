@@ -25,6 +25,7 @@ from wurst.runtime.packing import packing_applies
 from wurst.weights.spec import COMPONENTS, expected_state
 
 GB = 1e9
+MB = 1e6
 TOKENS = 77  # the text states every stage attends to
 # Tensors of a block's width alive at its widest point, per pixel (see the module docstring):
 RESBLOCK = 10  # input, normed (and concatenated) input, the 4c MLP activation and its GRN output
@@ -240,10 +241,15 @@ def check_fits(pipe, *, height: int, width: int, prompts: int = 1, images_per_pr
     images = prompts * images_per_prompt
     request_text = f"{height}x{width}" + (f" with {images} images" if images > 1 else "")
     raise InsufficientMemoryError(
-        f"{request_text} needs about {need.total / GB:.1f} GB of {where} at its peak ({need.name}: "
-        f"{need.weights / GB:.1f} GB of weights, {need.activations / GB:.1f} GB of activations) and "
-        f"{max(free, 0) / GB:.1f} GB is available; {fits} ({names['force']} tries anyway)"
+        f"{request_text} needs about {amount(need.total)} of {where} at its peak ({need.name}: "
+        f"{amount(need.weights)} of weights, {amount(need.activations)} of activations) and "
+        f"{amount(free)} is available; {fits} ({names['force']} tries anyway)"
     )
+
+
+def amount(size: float) -> str:
+    """Bytes for a message: GB to one decimal, or whole MB below 1 GB (Stage A's 37 MB are not "0.0 GB")."""
+    return f"{size / GB:.1f} GB" if size >= GB else f"{max(size, 0) / MB:.0f} MB"
 
 
 def on_latent_grid(pipe, height: int, width: int) -> bool:
@@ -273,7 +279,7 @@ def check_weights_fit(pipe, device: torch.device, names: dict[str, str] = API_NA
     need = sum(model_bytes(m, pipe.dtype) for m in _models(pipe))
     if free is not None and need > free:
         raise InsufficientMemoryError(
-            f"the five models need {need / GB:.1f} GB of memory on {device} to stay loaded and {free / GB:.1f} GB "
+            f"the five models need {amount(need)} of memory on {device} to stay loaded and {amount(free)} "
             f"is free; {names['low_memory']} loads one at a time ({names['force']} tries anyway)"
         )
 

@@ -28,7 +28,7 @@ import torch
 
 from wurst.errors import InsufficientMemoryError
 from wurst.runtime import memory
-from wurst.runtime.memory import GB, TOKENS, largest_fitting, model_bytes
+from wurst.runtime.memory import TOKENS, amount, largest_fitting, model_bytes
 
 BLOCK_KEPT = {"lora": (10, 0, 5), "full": (15, 1, 7)}  # per pixel, a ResBlock, TimestepBlock, AttnBlock that
 # gradients pass through. ResBlock: the depthwise conv's input, the norm's input, the 4c GELU's input and output;
@@ -280,9 +280,9 @@ def check_training_memory(args, *, pipe, samples, device: torch.device, dtype: t
     many = f" in each of its {processes} processes" if processes > 1 else ""
     raise InsufficientMemoryError(
         f"training ({mode}, --batch-size {args.batch_size}{micro}, images up to {height}x{width}) needs about "
-        f"{estimate.total / GB:.1f} GB of {where}{many} at its peak ({estimate.weights / GB:.1f} GB of weights, "
-        f"{estimate.trained / GB:.1f} GB of trained state, {estimate.activations / GB:.1f} GB of activations) and "
-        f"{max(have, 0) / GB:.1f} GB is available; {fits_text} (--force tries anyway)"
+        f"{amount(estimate.total)} of {where}{many} at its peak ({amount(estimate.weights)} of weights, "
+        f"{amount(estimate.trained)} of trained state, {amount(estimate.activations)} of activations) and "
+        f"{amount(have)} is available; {fits_text} (--force tries anyway)"
     )
 
 
